@@ -1,0 +1,156 @@
+"""Opening checkpoints: Hugging Face folders, sharded or not, and single safetensors files.
+
+A ``Checkpoint`` knows where every tensor lives (file, byte offset, dtype, shape). Tensor
+data is read through per-file read-only memory maps: a chunk is a zero-copy view of the
+mapped words, and ``release`` drops the pages from this process once the chunk is done, so
+resident memory never grows with the model (the page cache keeps them, reclaimably).
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import threading
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .dtypes import ITEMSIZE
+from .errors import CheckpointError
+from .safetensors_format import TensorInfo, read_header
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+
+
+@dataclass
+class Checkpoint:
+    """One model: its label (the path the user gave), folder, files and tensors by name."""
+
+    label: str
+    root: str  # folder holding config/tokenizer files ("" for a bare file)
+    files: list[str]
+    tensors: dict[str, TensorInfo] = field(repr=False)
+
+    def where(self, name: str) -> str:
+        return self.tensors[name].file
+
+
+def open_checkpoint(path: str) -> Checkpoint:
+    """Resolve ``path`` (a folder or a ``.safetensors`` file) and parse every header."""
+    label = str(path)
+    path = os.path.abspath(path)
+    if os.path.isfile(path):
+        if not path.endswith(".safetensors"):
+            raise CheckpointError("not a .safetensors file (give a Hugging Face folder or a .safetensors file)",
+                                  model=label, file=path)
+        tensors, _ = read_header(path, label)
+        return Checkpoint(label, "", [path], tensors)
+    if not os.path.isdir(path):
+        raise CheckpointError("no such file or folder", model=label)
+
+    index = os.path.join(path, INDEX_NAME)
+    if os.path.exists(index):
+        return _open_indexed(label, path, index)
+    single = os.path.join(path, SINGLE_NAME)
+    files = [single] if os.path.exists(single) else sorted(
+        os.path.join(path, f) for f in os.listdir(path) if f.endswith(".safetensors"))
+    if not files:
+        raise CheckpointError("no safetensors weights found (expected model.safetensors or "
+                              f"{INDEX_NAME} with shards)", model=label, file=path)
+    tensors: dict[str, TensorInfo] = {}
+    for f in files:
+        for name, info in read_header(f, label)[0].items():
+            if name in tensors:
+                raise CheckpointError(f"tensor appears in two files ({tensors[name].file} and {f})",
+                                      model=label, file=f, tensor=name)
+            tensors[name] = info
+    return Checkpoint(label, path, files, tensors)
+
+
+def _open_indexed(label: str, root: str, index: str) -> Checkpoint:
+    try:
+        with open(index, encoding="utf-8") as f:
+            weight_map = json.load(f)["weight_map"]
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise TypeError
+    except (OSError, ValueError, KeyError, TypeError):
+        raise CheckpointError("index is not valid JSON with a 'weight_map' of tensor -> shard",
+                              model=label, file=index) from None
+    shards = sorted(set(weight_map.values()))
+    headers = {}
+    for shard in shards:
+        p = os.path.join(root, shard)
+        if os.path.basename(shard) != shard or not os.path.isfile(p):
+            missing = [n for n, s in weight_map.items() if s == shard][:1]
+            raise CheckpointError(f"index points to missing shard {shard!r}", model=label, file=index,
+                                  tensor=missing[0] if missing else None)
+        headers[shard] = read_header(p, label)[0]
+    tensors: dict[str, TensorInfo] = {}
+    for name, shard in weight_map.items():
+        if name not in headers[shard]:
+            raise CheckpointError(f"index places this tensor in {shard!r} but that shard lacks it",
+                                  model=label, file=index, tensor=name)
+        tensors[name] = headers[shard][name]
+    return Checkpoint(label, root, [os.path.join(root, s) for s in shards], tensors)
+
+
+# ---------------------------------------------------------------------------------------
+# Memory-mapped chunk access (one read-only map per file and process, opened on first use).
+
+_maps: dict[str, mmap.mmap] = {}
+_maps_lock = threading.Lock()
+_PAGE = mmap.PAGESIZE
+
+
+def _map(path: str) -> mmap.mmap:
+    mm = _maps.get(path)
+    if mm is None:
+        with _maps_lock:
+            mm = _maps.get(path)
+            if mm is None:
+                with open(path, "rb") as f:
+                    mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+                _maps[path] = mm
+    return mm
+
+
+def close_maps() -> None:
+    """Unmap every file (called when a merge ends)."""
+    with _maps_lock:
+        for mm in _maps.values():
+            try:
+                mm.close()
+            except BufferError:  # a view is still alive somewhere; the map goes with it
+                pass
+        _maps.clear()
+
+
+def byte_range(info: TensorInfo, start: int, count: int) -> tuple[int, int]:
+    """Absolute byte range of elements ``[start, start + count)`` of a tensor."""
+    size = ITEMSIZE[info.dtype]
+    return info.start + start * size, info.start + (start + count) * size
+
+
+def read_words(info: TensorInfo, start: int, count: int, dtype: np.dtype) -> np.ndarray:
+    """Read-only view of elements ``[start, start+count)`` as ``dtype`` words (zero-copy when aligned)."""
+    a, b = byte_range(info, start, count)
+    mm = _map(info.file)
+    if a % dtype.itemsize == 0:
+        arr = np.frombuffer(mm, dtype=dtype, count=(b - a) // dtype.itemsize, offset=a)
+    else:  # misaligned data (odd-sized tensors before it): copy once into an aligned buffer
+        arr = np.frombuffer(mm[a:b], dtype=dtype).copy()
+        arr.flags.writeable = False
+    return arr
+
+
+def release(info: TensorInfo, start: int, count: int) -> None:
+    """Drop the mapped pages of a chunk from this process (the page cache keeps them)."""
+    a, b = byte_range(info, start, count)
+    a -= a % _PAGE
+    b += -b % _PAGE
+    mm = _map(info.file)
+    b = min(b, len(mm))
+    if b > a:
+        mm.madvise(mmap.MADV_DONTNEED, a, b - a)

@@ -1,0 +1,210 @@
+"""Merge configuration: a mergekit-style YAML file or keyword arguments, validated up front."""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+from .dtypes import parse_dtype
+from .errors import ConfigError
+
+METHODS = ("cabs", "task_arithmetic")
+OVERLAP_POLICIES = ("fill", "strict")
+DEFAULT_M = 256
+
+_TOP_KEYS = {"merge_method", "base_model", "models", "parameters", "dtype", "tokenizer_source"}
+_PARAM_KEYS = {"n", "m", "sparsity", "overlap", "pruning_order", "weight"}
+_MODEL_KEYS = {"model", "parameters"}
+_MODEL_PARAM_KEYS = {"weight"}
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A fine-tuned model and the weight (lambda) of its task vector."""
+
+    path: str
+    weight: float = 1.0
+
+
+@dataclass(frozen=True)
+class MergeConfig:
+    """Everything that determines the merged tensors (engine options do not)."""
+
+    method: str
+    base: str
+    models: tuple[ModelSpec, ...]
+    n: int = 64
+    m: int = DEFAULT_M
+    overlap: str = "fill"
+    pruning_order: tuple[int, ...] = ()  # indices into models; empty = listed order
+    dtype: str | None = None  # output float dtype (safetensors name); None = base's
+    tokenizer_source: str | None = None
+    allow_missing: bool = False
+    extra: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    @property
+    def order(self) -> tuple[int, ...]:
+        return self.pruning_order or tuple(range(len(self.models)))
+
+    def describe(self) -> dict[str, Any]:
+        """JSON-ready description (for the manifest and the fingerprint)."""
+        d: dict[str, Any] = {
+            "merge_method": self.method,
+            "base_model": self.base,
+            "models": [{"model": s.path, "weight": s.weight} for s in self.models],
+            "dtype": self.dtype,
+            "tokenizer_source": self.tokenizer_source,
+            "allow_missing": self.allow_missing,
+        }
+        if self.method == "cabs":
+            d.update(n=self.n, m=self.m, density=self.n / self.m, overlap=self.overlap,
+                     pruning_order=[self.models[i].path for i in self.order])
+        return d
+
+
+def _number(value: Any, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ConfigError(f"{what} must be a finite number, got {value!r}")
+    return float(value)
+
+
+def _int(value: Any, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{what} must be an integer, got {value!r}")
+    return value
+
+
+def _unknown(keys: Any, allowed: set[str], where: str) -> None:
+    extra = sorted(set(keys) - allowed)
+    if extra:
+        raise ConfigError(f"unknown key {extra[0]!r} in {where} (allowed: {', '.join(sorted(allowed))})")
+
+
+def build_config(*, method: str = "cabs", base: str, models: list[str] | list[ModelSpec],
+                 weights: list[float] | None = None, n: int | None = None, m: int | None = None,
+                 sparsity: float | None = None, overlap: str = "fill",
+                 pruning_order: list[str] | None = None, dtype: str | None = None,
+                 tokenizer_source: str | None = None, allow_missing: bool = False) -> MergeConfig:
+    """Validate arguments and build a ``MergeConfig`` (the API and the CLI flags use this)."""
+    if method not in METHODS:
+        raise ConfigError(f"unknown merge_method {method!r}; choose one of {', '.join(METHODS)}")
+    if not base:
+        raise ConfigError("base_model is required")
+    specs = [s if isinstance(s, ModelSpec) else ModelSpec(str(s)) for s in models]
+    if not specs:
+        raise ConfigError("at least one fine-tuned model is required")
+    if weights:
+        if len(weights) != len(specs):
+            raise ConfigError(f"{len(weights)} weights given for {len(specs)} models; give one per model")
+        specs = [ModelSpec(s.path, _number(w, f"weight of {s.path}")) for s, w in zip(specs, weights)]
+    for s in specs:
+        _number(s.weight, f"weight of {s.path}")
+
+    real = lambda p: os.path.realpath(p)  # noqa: E731
+    seen: dict[str, str] = {real(base): base}
+    for s in specs:
+        r = real(s.path)
+        if r in seen:
+            what = "the base model" if seen[r] == base and r == real(base) else f"model {seen[r]}"
+            raise ConfigError(f"model {s.path} is listed twice (same as {what})")
+        seen[r] = s.path
+
+    m = DEFAULT_M if m is None else _int(m, "m")
+    if m < 1:
+        raise ConfigError(f"m must be at least 1, got {m}")
+    if sparsity is not None:
+        sparsity = _number(sparsity, "sparsity")
+        if n is not None:
+            raise ConfigError("give either n or sparsity, not both")
+        if not 0 <= sparsity < 1:
+            raise ConfigError(f"sparsity must be in [0, 1), got {sparsity}")
+        n = round(m * (1 - sparsity))
+        if n < 1:
+            raise ConfigError(f"sparsity {sparsity} keeps no weight in a group of m={m}; lower it or raise m")
+    n = 64 if n is None else _int(n, "n")
+    if not 1 <= n <= m:
+        raise ConfigError(f"n must be between 1 and m={m}, got {n}")
+    if overlap not in OVERLAP_POLICIES:
+        raise ConfigError(f"overlap must be 'fill' or 'strict', got {overlap!r}")
+
+    order: tuple[int, ...] = ()
+    if pruning_order:
+        index = {real(s.path): i for i, s in enumerate(specs)}
+        try:
+            order = tuple(index[real(str(p))] for p in pruning_order)
+        except KeyError as e:
+            raise ConfigError(f"pruning_order names {e.args[0]!r}, which is not a listed model") from None
+        if sorted(order) != list(range(len(specs))):
+            raise ConfigError("pruning_order must list every model exactly once")
+    try:
+        out_dtype = parse_dtype(dtype) if dtype else None
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    return MergeConfig(method, str(base), tuple(specs), n, m, overlap, order, out_dtype,
+                       tokenizer_source, allow_missing)
+
+
+def load_config(path: str, **overrides: Any) -> MergeConfig:
+    """Read a mergekit-style YAML file. ``overrides`` (non-None) replace its values."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            doc = yaml.safe_load(f)
+    except OSError as e:
+        raise ConfigError(f"cannot read config {path}: {e.strerror}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config {path} is not valid YAML: {e}") from None
+    if not isinstance(doc, dict):
+        raise ConfigError(f"config {path} must be a mapping with merge_method, base_model and models")
+    _unknown(doc, _TOP_KEYS, f"config {path}")
+    params = doc.get("parameters") or {}
+    if not isinstance(params, dict):
+        raise ConfigError("'parameters' must be a mapping")
+    _unknown(params, _PARAM_KEYS, "parameters")
+    default_w = _number(params.get("weight", 1.0), "parameters.weight")
+    entries = doc.get("models") or []
+    if not isinstance(entries, list):
+        raise ConfigError("'models' must be a list")
+    specs = []
+    for e in entries:
+        if isinstance(e, str):
+            e = {"model": e}
+        if not isinstance(e, dict) or "model" not in e:
+            raise ConfigError(f"each models entry needs a 'model' path, got {e!r}")
+        _unknown(e, _MODEL_KEYS, f"models entry {e.get('model')}")
+        p = e.get("parameters") or {}
+        if not isinstance(p, dict):
+            raise ConfigError(f"parameters of {e['model']} must be a mapping")
+        _unknown(p, _MODEL_PARAM_KEYS, f"parameters of {e['model']}")
+        specs.append(ModelSpec(str(e["model"]), _number(p.get("weight", default_w), f"weight of {e['model']}")))
+    kw: dict[str, Any] = dict(
+        method=doc.get("merge_method", "cabs"), base=doc.get("base_model"), models=specs,
+        n=params.get("n"), m=params.get("m"), sparsity=params.get("sparsity"),
+        overlap=params.get("overlap", "fill"), pruning_order=params.get("pruning_order"),
+        dtype=doc.get("dtype"), tokenizer_source=doc.get("tokenizer_source"))
+    if kw["base"] is None:
+        raise ConfigError(f"config {path} has no base_model")
+    kw.update({k: v for k, v in overrides.items() if v is not None})
+    if overrides.get("n") is not None or overrides.get("sparsity") is not None:
+        kw["n" if overrides.get("sparsity") is not None else "sparsity"] = None
+    return build_config(**kw)
+
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b?|b)?\s*$", re.IGNORECASE)
+
+
+def parse_size(text: str | int) -> int:
+    """'5GB' -> 5_000_000_000, '1GiB' -> 1_073_741_824, '512MB', '1000000' (bytes)."""
+    if isinstance(text, int):
+        return text
+    mt = _SIZE.match(str(text))
+    if not mt:
+        raise ConfigError(f"cannot read size {text!r}; write e.g. 5GB, 1GiB or 500MB")
+    unit = (mt.group(2) or "b").lower().rstrip("b")
+    power = " kmgt".index(unit[0]) if unit else 0
+    base = 1024 if unit.endswith("i") else 1000
+    return int(float(mt.group(1)) * base ** power)

@@ -1,0 +1,164 @@
+"""``merge()``: plan, run the chunk map, report, and move the result into place."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import resource
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from . import __version__, state, writer
+from .config import MergeConfig, load_config, parse_size
+from .engine import SCHEDULERS, Job, execute
+from .errors import ConfigError
+from .plan import Plan, make_plan
+from .progress import MergeProgress
+
+DEFAULT_CHUNK = 1 << 22  # elements
+RUNTIME_RESERVE = 256 << 20  # bytes for the interpreter, numba, dask and zarr
+
+
+@dataclass
+class MergeResult:
+    """Where the merge went and what it did (the contents of cabs_report.json)."""
+
+    out_dir: str
+    report: dict[str, Any]
+
+
+def engine_settings(plan_k: int, chunk_size: int | None, workers: int | None,
+                    memory: int | None) -> tuple[int, int]:
+    """Chunk size (elements) and worker count, derived from a memory budget when given.
+
+    A chunk in flight holds its input pages (<= 4 bytes per element per model, base included),
+    its output words (<= 4 bytes) and k mask bits per element.
+    """
+    workers = workers or os.cpu_count() or 1
+    if workers < 1:
+        raise ConfigError(f"--workers must be at least 1, got {workers}")
+    if chunk_size is not None:
+        if chunk_size < 1:
+            raise ConfigError(f"--chunk-size must be positive, got {chunk_size}")
+        return chunk_size, workers
+    if memory is None:
+        return DEFAULT_CHUNK, workers
+    per_element = 4 * (plan_k + 1) + 4 + plan_k / 8
+    room = memory - RUNTIME_RESERVE
+    if room < 64 * 1024 * per_element:
+        raise ConfigError(f"--memory {memory} bytes is too small; allow at least "
+                          f"{(RUNTIME_RESERVE + 64 * 1024 * per_element) / 2**20:.0f} MiB")
+    # Two chunks per worker may be resident at once (one finishing, one starting).
+    chunk = int(room / (2 * workers * per_element))
+    return min(chunk, 1 << 24), workers
+
+
+def _fingerprint(plan: Plan, save_masks: bool) -> str:
+    inputs = []
+    for ck in (plan.base, *plan.models):
+        for f in ck.files:
+            st = os.stat(f)
+            inputs.append([f, st.st_size, st.st_mtime_ns])
+    doc = {"version": __version__, "config": plan.config.describe(), "inputs": inputs,
+           "shards": [(s.name, s.size) for s in plan.shards], "chunk": plan.chunk_size, "masks": save_masks}
+    return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
+
+
+def _overlap(kept: np.ndarray, both: np.ndarray) -> list[list[float | None]]:
+    k = len(kept)
+    sym = both + both.T
+    return [[None if i == j or kept[i] == 0 else float(sym[i, j] / kept[i]) for j in range(k)]
+            for i in range(k)]
+
+
+def summarize(plan: Plan, rows: dict[int, np.ndarray]) -> dict[str, Any]:
+    """Per-tensor and overall density and overlap of the kept task-vector entries."""
+    k = len(plan.models)
+    per_tensor: dict[int, np.ndarray] = {}
+    for i, row in rows.items():
+        t = plan.chunks[i].tensor
+        per_tensor[t] = per_tensor.get(t, 0) + row
+    tensors, total = {}, np.zeros(state.stats_width(k), np.int64)
+    numel = 0
+    for t, row in sorted(per_tensor.items()):
+        job = plan.tensors[t]
+        kept, nz, both = row[:k], row[k:2 * k], row[3 * k:].reshape(k, k)
+        tensors[job.name] = {"numel": job.numel, "kept": kept.tolist(), "nonzero": nz.tolist(),
+                             "density": (kept / max(job.numel, 1)).tolist(), "overlap": _overlap(kept, both)}
+        total += row
+        numel += job.numel
+    kept, nz, both = total[:k], total[k:2 * k], total[3 * k:].reshape(k, k)
+    return {"numel": numel, "kept": kept.tolist(), "nonzero": nz.tolist(),
+            "density": (kept / max(numel, 1)).tolist(), "overlap": _overlap(kept, both), "tensors": tensors}
+
+
+def merge(config: MergeConfig | str, out_dir: str, *, chunk_size: int | None = None,
+          workers: int | None = None, memory: int | str | None = None, scheduler: str = "threads",
+          shard_size: int | str = "5GB", overwrite: bool = False, save_masks: bool = False,
+          allow_nonfinite: bool = False, quiet: bool = True) -> MergeResult:
+    """Merge a base and fine-tuned models into a Hugging Face folder at ``out_dir``.
+
+    ``config`` is a ``MergeConfig`` (see ``build_config``) or the path of a YAML file. Every
+    input is validated before anything is written; the result appears under ``out_dir`` only
+    when complete. A rerun after an interruption resumes from the completed chunks.
+    """
+    t0 = time.monotonic()
+    cfg = load_config(config) if isinstance(config, (str, os.PathLike)) else config
+    if scheduler not in SCHEDULERS:
+        raise ConfigError(f"unknown scheduler {scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
+    inputs = [cfg.base, *(s.path for s in cfg.models)] + ([cfg.tokenizer_source] if cfg.tokenizer_source else [])
+    writer.check_output(out_dir, inputs, overwrite)
+    chunk, workers = engine_settings(len(cfg.models), chunk_size, workers,
+                                     parse_size(memory) if memory is not None else None)
+    plan = make_plan(cfg, chunk, parse_size(shard_size))
+
+    work = writer.work_dir(out_dir)
+    model_dir, state_path = os.path.join(work, "model"), os.path.join(work, "state.zarr")
+    fp = _fingerprint(plan, save_masks)
+    os.makedirs(work, exist_ok=True)
+    masks = {t.name: (t.numel, plan.chunk_size) for t in plan.tensors if t.merged} if save_masks else None
+    g = state.create(state_path, fp, len(plan.chunks), len(cfg.models), masks)
+    state.forget(state_path)
+    previous = g["stats"][:] if plan.chunks else np.zeros((0, 1), np.int64)
+    resumed = int((previous[:, 0] >= 0).sum()) if len(plan.chunks) else 0
+    shard_paths = writer.preallocate(plan, model_dir, resume=resumed > 0)
+    t_plan = time.monotonic()
+
+    todo = [i for i in range(len(plan.chunks)) if previous[i, 0] < 0]
+    job = Job.create(plan, shard_paths, state_path, save_masks, allow_nonfinite)
+    sizes = {}
+    for i in todo:
+        c = plan.chunks[i]
+        t = plan.tensors[c.tensor]
+        sizes[("chunk", i)] = (c.count, c.count * sum(x.nbytes // max(t.numel, 1) for x in (t.base, *t.fts)))
+    total_bytes = sum(b for _, b in sizes.values())
+    bar = MergeProgress(sizes, total_bytes, quiet=quiet)
+    rows = execute(job, os.path.join(work, "job.pkl"), todo, workers, scheduler, callbacks=(bar,))
+    state.forget(state_path)
+    for i in range(len(plan.chunks)):
+        if i not in rows:
+            rows[i] = previous[i]
+    t_merge = time.monotonic()
+
+    report = summarize(plan, rows)
+    bytes_written = sum(s.size for s in plan.shards)
+    report = {
+        "tool": "cabs-stream", "version": __version__, "config": cfg.describe(),
+        "models": [s.path for s in cfg.models], **report,
+        "ignored_tensors": plan.ignored,
+        "bytes_read": plan.input_bytes(), "bytes_written": bytes_written,
+        "chunk_size": plan.chunk_size, "workers": workers, "scheduler": scheduler,
+        "resumed_chunks": resumed,
+        "seconds": {"plan": t_plan - t0, "merge": t_merge - t_plan, "total": t_merge - t0},
+        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+    }
+    manifest = {"tool": "cabs-stream", "version": __version__, **cfg.describe(),
+                "output_dtypes": sorted({t.out_dtype for t in plan.tensors}),
+                "shards": [s.name for s in plan.shards]}
+    writer.finish(plan, model_dir, out_dir, {"cabs_manifest.json": manifest, "cabs_report.json": report},
+                  overwrite)
+    return MergeResult(os.path.abspath(out_dir), report)

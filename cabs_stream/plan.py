@@ -1,0 +1,152 @@
+"""The merge plan: tensors matched and validated across models, the m-aligned chunk grid and
+the output shard layout, all computed before a single byte is written."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+
+from .checkpoint import Checkpoint, open_checkpoint
+from .config import MergeConfig
+from .dtypes import COPY_ONLY, FLOAT_CODES, ITEMSIZE, is_mergeable
+from .errors import CheckpointError
+from .safetensors_format import TensorInfo, build_header
+
+
+@dataclass(frozen=True)
+class TensorJob:
+    """One output tensor: where its inputs are and where its bytes go."""
+
+    name: str
+    shape: tuple[int, ...]
+    out_dtype: str
+    base: TensorInfo
+    fts: tuple[TensorInfo, ...]  # empty for tensors copied from the base
+    shard: int
+    out_start: int  # absolute byte offset in the output shard
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def merged(self) -> bool:
+        return bool(self.fts)
+
+
+@dataclass(frozen=True)
+class OutShard:
+    name: str
+    header: bytes
+    size: int
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """Elements [start, start + count) of tensor ``tensor`` (start is a multiple of m)."""
+
+    tensor: int
+    start: int
+    count: int
+
+
+@dataclass
+class Plan:
+    config: MergeConfig
+    base: Checkpoint
+    models: list[Checkpoint]
+    tensors: list[TensorJob]
+    shards: list[OutShard]
+    chunks: list[Chunk]
+    chunk_size: int
+    ignored: list[str]  # fine-tuned tensors the base lacks
+
+    @property
+    def merged_elements(self) -> int:
+        return sum(t.numel for t in self.tensors if t.merged)
+
+    def input_bytes(self) -> int:
+        return sum(t.base.nbytes + sum(f.nbytes for f in t.fts) for t in self.tensors)
+
+
+def align_chunk_size(requested: int, m: int) -> int:
+    """Round up to a multiple of lcm(m, 8), so chunks hold whole groups and whole mask bytes."""
+    step = math.lcm(m, 8)
+    return max(step, -(-requested // step) * step)
+
+
+def match_tensors(config: MergeConfig, base: Checkpoint, models: list[Checkpoint]) \
+        -> tuple[list[tuple[str, TensorInfo, tuple[TensorInfo, ...]]], list[str]]:
+    """Pair every base tensor with the fine-tuned ones; raise on any mismatch."""
+    out = []
+    for name, b in base.tensors.items():
+        if b.dtype in COPY_ONLY:
+            for mdl in models:
+                f = mdl.tensors.get(name)
+                if f is not None and (f.dtype != b.dtype or f.shape != b.shape):
+                    warnings.warn(f"{name}: integer tensor differs in {mdl.label}; copied from the base",
+                                  stacklevel=2)
+            out.append((name, b, ()))
+            continue
+        if not is_mergeable(b.dtype):
+            raise CheckpointError(f"unsupported dtype {b.dtype} (cabs-stream merges BF16, F16 and F32)",
+                                  model=base.label, file=b.file, tensor=name)
+        fts = []
+        for mdl in models:
+            f = mdl.tensors.get(name)
+            if f is None:
+                if config.allow_missing:
+                    fts.append(b)  # task vector zero here
+                    continue
+                raise CheckpointError(f"tensor is missing (the base has it with shape {list(b.shape)}); "
+                                      "pass --allow-missing to treat its task vector as zero",
+                                      model=mdl.label, file=mdl.files[0] if len(mdl.files) == 1 else mdl.root,
+                                      tensor=name)
+            if f.dtype not in FLOAT_CODES:
+                raise CheckpointError(f"dtype {f.dtype} does not match the base's {b.dtype} "
+                                      "(expected a float dtype: BF16, F16 or F32)",
+                                      model=mdl.label, file=f.file, tensor=name)
+            if f.shape != b.shape:
+                raise CheckpointError(f"shape {list(f.shape)} does not match the base's {list(b.shape)}",
+                                      model=mdl.label, file=f.file, tensor=name)
+            fts.append(f)
+        out.append((name, b, tuple(fts)))
+    ignored = sorted({n for mdl in models for n in mdl.tensors if n not in base.tensors})
+    return out, ignored
+
+
+def make_plan(config: MergeConfig, chunk_size: int, shard_size: int) -> Plan:
+    """Open and validate every input, then lay out the chunk grid and the output shards."""
+    base = open_checkpoint(config.base)
+    models = [open_checkpoint(s.path) for s in config.models]
+    matched, ignored = match_tensors(config, base, models)
+    chunk_size = align_chunk_size(chunk_size, config.m)
+
+    # Output shards: tensors in base order, a new shard when the next one would overflow.
+    groups: list[list[tuple[str, str, tuple[int, ...], TensorInfo, tuple[TensorInfo, ...]]]] = [[]]
+    used = 0
+    for name, b, fts in matched:
+        dtype = (config.dtype or b.dtype) if fts else b.dtype
+        nbytes = b.numel * ITEMSIZE[dtype]
+        if groups[-1] and used + nbytes > shard_size:
+            groups.append([])
+            used = 0
+        groups[-1].append((name, dtype, b.shape, b, fts))
+        used += nbytes
+
+    tensors: list[TensorJob] = []
+    shards: list[OutShard] = []
+    for s, group in enumerate(groups):
+        fname = f"model-{s + 1:05d}-of-{len(groups):05d}.safetensors"
+        header, offsets = build_header([(n, d, shp) for n, d, shp, _, _ in group], {"format": "pt"})
+        size = len(header)
+        for (name, dtype, shape, b, fts), off in zip(group, offsets):
+            tensors.append(TensorJob(name, shape, dtype, b, fts, s, len(header) + off))
+            size += math.prod(shape) * ITEMSIZE[dtype]
+        shards.append(OutShard(fname, header, size))
+
+    chunks = [Chunk(t, start, min(chunk_size, job.numel - start))
+              for t, job in enumerate(tensors) if job.merged
+              for start in range(0, job.numel, chunk_size)]
+    return Plan(config, base, models, tensors, shards, chunks, chunk_size, ignored)

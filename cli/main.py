@@ -1,0 +1,176 @@
+"""``cabs-stream``: merge fine-tuned models with CABS, streaming, on CPUs."""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+import time
+
+import click
+
+from cabs_stream import __version__
+from cabs_stream.config import build_config, load_config, parse_size
+from cabs_stream.errors import CabsError
+from cabs_stream.pipeline import merge as run_merge
+
+
+def _fail(e: Exception) -> None:
+    click.echo(f"error: {e}", err=True)
+    sys.exit(2)
+
+
+def _size(ctx, param, value):
+    if value is None:
+        return None
+    try:
+        return parse_size(value)
+    except CabsError as e:
+        raise click.BadParameter(str(e)) from None
+
+
+def engine_options(f):
+    """Options of the streaming engine (they never change the merged bytes)."""
+    opts = [
+        click.option("--chunk-size", type=int, default=None, metavar="ELEMENTS",
+                     help="Elements per chunk, rounded up to a multiple of lcm(m, 8). "
+                          "Default: derived from --memory, else 4194304."),
+        click.option("--workers", type=int, default=None, metavar="N",
+                     help="Chunks processed in parallel. Default: number of CPUs."),
+        click.option("--memory", default=None, metavar="SIZE", callback=_size,
+                     help="Memory budget such as 1GiB or 800MB; sets the chunk size from the "
+                          "worker count when --chunk-size is not given."),
+        click.option("--scheduler", type=click.Choice(["threads", "processes", "synchronous"]),
+                     default="threads", show_default=True, help="Dask scheduler that runs the chunks."),
+        click.option("--shard-size", default="5GB", show_default=True, metavar="SIZE",
+                     help="Maximum size of an output safetensors shard."),
+        click.option("--overwrite", is_flag=True, help="Replace OUT_DIR if it exists (only once the merge is complete)."),
+        click.option("--save-masks", is_flag=True,
+                     help="Keep the bit-packed masks (1 bit per parameter per model) in the work "
+                          "state; they are deleted with it when the merge completes unless this is set."),
+        click.option("--allow-nonfinite", is_flag=True,
+                     help="Merge even if a task vector holds NaN or Inf (default: stop with an error)."),
+        click.option("--quiet", "-q", is_flag=True, help="No progress output and no summary."),
+    ]
+    for o in reversed(opts):
+        f = o(f)
+    return f
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="cabs-stream")
+def main() -> None:
+    """Merge fine-tuned models with CABS (conflict-aware, balanced sparsification) or task
+    arithmetic, chunk by chunk, in bounded memory on CPUs."""
+
+
+@main.command("merge")
+@click.argument("config", required=False, type=click.Path(dir_okay=False))
+@click.argument("out_dir", required=False, type=click.Path(file_okay=False))
+@click.option("-o", "--output", "output", type=click.Path(file_okay=False), help="Output folder (instead of OUT_DIR).")
+@click.option("--method", type=click.Choice(["cabs", "task_arithmetic"]), default=None,
+              help="Merge method (default cabs, or the config's merge_method).")
+@click.option("--base", default=None, help="Base model: a Hugging Face folder or .safetensors file.")
+@click.option("--model", "models", multiple=True, help="A fine-tuned model (repeat for each).")
+@click.option("--weight", "weights", type=float, multiple=True,
+              help="Lambda of each --model's task vector, in the same order (default 1.0).")
+@click.option("--n", "n", type=int, default=None, help="Weights kept per group of m (default 64).")
+@click.option("--m", "m", type=int, default=None, help="Group size (default 256).")
+@click.option("--sparsity", type=float, default=None, help="Fraction dropped; sets n = round(m * (1 - sparsity)).")
+@click.option("--overlap", type=click.Choice(["fill", "strict"]), default=None,
+              help="Short groups: fill tops up from used positions (default), strict keeps fewer.")
+@click.option("--pruning-order", "pruning_order", multiple=True,
+              help="Model paths in the order they are pruned (repeat; default: listed order).")
+@click.option("--dtype", default=None, help="Output dtype: bfloat16, float16 or float32 (default: the base's).")
+@click.option("--tokenizer-source", default=None, help="Folder to copy tokenizer files from (default: the base).")
+@click.option("--allow-missing", is_flag=True,
+              help="A tensor missing from a fine-tuned model counts as an all-zero task vector.")
+@engine_options
+def merge_cmd(config, out_dir, output, method, base, models, weights, n, m, sparsity, overlap,
+              pruning_order, dtype, tokenizer_source, allow_missing, chunk_size, workers, memory,
+              scheduler, shard_size, overwrite, save_masks, allow_nonfinite, quiet) -> None:
+    """Merge models into OUT_DIR, from a mergekit-style CONFIG.yml or from flags.
+
+    \b
+      cabs-stream merge config.yml merged/
+      cabs-stream merge --base B --model A --model C -o merged --n 64 --m 256 --weight 1.2 --weight 1.0
+    """
+    if config and not out_dir and not output and not config.endswith((".yml", ".yaml")):
+        config, out_dir = None, config  # a single positional argument is the output folder
+    target = output or out_dir
+    if not target:
+        raise click.UsageError("give the output folder as OUT_DIR or with -o/--output")
+    if output and out_dir:
+        raise click.UsageError("give the output folder once, as OUT_DIR or with -o")
+    try:
+        if config:
+            if base or models:
+                raise click.UsageError("--base/--model cannot be combined with a CONFIG file")
+            cfg = load_config(config, method=method, n=n, m=m, sparsity=sparsity, overlap=overlap,
+                              dtype=dtype, tokenizer_source=tokenizer_source,
+                              allow_missing=allow_missing or None,
+                              weights=list(weights) or None, pruning_order=list(pruning_order) or None)
+        else:
+            if not base or not models:
+                raise click.UsageError("give a CONFIG file, or --base and at least one --model")
+            cfg = build_config(method=method or "cabs", base=base, models=list(models), weights=list(weights),
+                               n=n, m=m, sparsity=sparsity, overlap=overlap or "fill",
+                               pruning_order=list(pruning_order), dtype=dtype,
+                               tokenizer_source=tokenizer_source, allow_missing=allow_missing)
+        res = run_merge(cfg, target, chunk_size=chunk_size, workers=workers, memory=memory,
+                        scheduler=scheduler, shard_size=shard_size, overwrite=overwrite,
+                        save_masks=save_masks, allow_nonfinite=allow_nonfinite, quiet=quiet)
+    except CabsError as e:
+        _fail(e)
+    if not quiet:
+        print_summary(res.report, res.out_dir)
+
+
+def print_summary(report: dict, out_dir: str) -> None:
+    """A few lines a person can read: where, how dense, how much overlap, how fast."""
+    k = len(report["models"])
+    cfg = report["config"]
+    what = cfg["merge_method"] + (f" {cfg['n']}:{cfg['m']} ({cfg['overlap']})" if cfg["merge_method"] == "cabs" else "")
+    click.echo(f"merged {k} models into {out_dir} with {what}")
+    for i, name in enumerate(report["models"]):
+        over = [f"{o:.4f}" for o in report["overlap"][i] if o is not None]
+        click.echo(f"  {name}: weight {cfg['models'][i]['weight']}, density {report['density'][i]:.4f}, "
+                   f"overlap with others {', '.join(over) or '-'}")
+    sec = report["seconds"]
+    gb = (report["bytes_read"] + report["bytes_written"]) / 1e9
+    click.echo(f"  {report['numel'] / 1e6:.1f} M parameters, {gb:.2f} GB read+written in {sec['total']:.1f} s "
+               f"({gb / max(sec['merge'], 1e-9):.2f} GB/s while merging), peak RSS "
+               f"{report['peak_rss_bytes'] / 2**20:.0f} MiB")
+
+
+@main.command("demo")
+@click.option("--out", "out", type=click.Path(file_okay=False), default=None,
+              help="Where to put the demo family and merge (default: a new temporary folder).")
+@click.option("--models", "k", type=int, default=2, show_default=True, help="Fine-tuned models to generate.")
+@click.option("--quiet", "-q", is_flag=True, help="Only print the output folder.")
+def demo_cmd(out, k, quiet) -> None:
+    """Generate a small Llama-shaped family (no downloads) and merge it with CABS 64:256."""
+    from cabs_stream.synthetic import SHAPES, generate_family
+
+    root = out or tempfile.mkdtemp(prefix="cabs-demo-")
+    os.makedirs(root, exist_ok=True)
+    t0 = time.monotonic()
+    shape = SHAPES["demo"]
+    base, fts = generate_family(os.path.join(root, "family"), shape, k=k, shard_size=4_000_000)
+    if not quiet:
+        click.echo(f"generated base + {k} fine-tuned models ({shape.params / 1e6:.1f} M parameters, bf16) "
+                   f"in {root}/family ({time.monotonic() - t0:.1f} s)")
+    try:
+        cfg = build_config(method="cabs", base=base, models=fts, weights=[1.0] * k, n=64, m=256)
+        res = run_merge(cfg, os.path.join(root, "merged"), overwrite=True, shard_size="4MB", quiet=True)
+    except CabsError as e:
+        _fail(e)
+    if quiet:
+        click.echo(res.out_dir)
+    else:
+        print_summary(res.report, res.out_dir)
+        click.echo(f"report: {os.path.join(res.out_dir, 'cabs_report.json')}")
+
+
+if __name__ == "__main__":
+    main()
