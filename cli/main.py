@@ -122,6 +122,10 @@ def merge_cmd(config, out_dir, output, method, base, models, weights, n, m, spar
                         save_masks=save_masks, allow_nonfinite=allow_nonfinite, quiet=quiet)
     except CabsError as e:
         _fail(e)
+    except KeyboardInterrupt:
+        click.echo("interrupted: nothing was written under the output name; rerun the same command "
+                   "to resume from the completed chunks", err=True)
+        sys.exit(130)
     if not quiet:
         print_summary(res.report, res.out_dir)
 
