@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from . import torch_bin
 from .dtypes import ITEMSIZE
 from .errors import CheckpointError
 from .safetensors_format import TensorInfo, read_header
@@ -37,10 +38,19 @@ class Checkpoint:
         return self.tensors[name].file
 
 
-def open_checkpoint(path: str) -> Checkpoint:
-    """Resolve ``path`` (a folder or a ``.safetensors`` file) and parse every header."""
+def open_checkpoint(path: str, convert_dir: str | None = None) -> Checkpoint:
+    """Resolve ``path`` (a folder, a ``.safetensors`` file or a PyTorch ``.bin``) and parse
+    every header. ``.bin`` checkpoints are converted into ``convert_dir`` first (torch_bin.py)."""
     label = str(path)
     path = os.path.abspath(path)
+    has_safetensors = os.path.isdir(path) and any(f.endswith(".safetensors") for f in os.listdir(path))
+    bins = None if has_safetensors else torch_bin.bin_files(path)
+    if bins:
+        if convert_dir is None:
+            raise CheckpointError("PyTorch .bin checkpoint: merge it through cabs_stream.merge, which converts it",
+                                  model=label, file=bins[0])
+        converted = open_checkpoint(torch_bin.convert(label, bins, convert_dir))
+        return Checkpoint(label, path if os.path.isdir(path) else "", converted.files, converted.tensors)
     if os.path.isfile(path):
         if not path.endswith(".safetensors"):
             raise CheckpointError("not a .safetensors file (give a Hugging Face folder or a .safetensors file)",

@@ -114,9 +114,9 @@ def merge(config: MergeConfig | str, out_dir: str, *, chunk_size: int | None = N
     writer.check_output(out_dir, inputs, overwrite)
     chunk, workers = engine_settings(len(cfg.models), chunk_size, workers,
                                      parse_size(memory) if memory is not None else None)
-    plan = make_plan(cfg, chunk, parse_size(shard_size))
-
     work = writer.work_dir(out_dir)
+    plan = make_plan(cfg, chunk, parse_size(shard_size), convert_dir=os.path.join(work, "converted"))
+
     model_dir, state_path = os.path.join(work, "model"), os.path.join(work, "state.zarr")
     fp = _fingerprint(plan, save_masks)
     os.makedirs(work, exist_ok=True)

@@ -116,10 +116,11 @@ def match_tensors(config: MergeConfig, base: Checkpoint, models: list[Checkpoint
     return out, ignored
 
 
-def make_plan(config: MergeConfig, chunk_size: int, shard_size: int) -> Plan:
-    """Open and validate every input, then lay out the chunk grid and the output shards."""
-    base = open_checkpoint(config.base)
-    models = [open_checkpoint(s.path) for s in config.models]
+def make_plan(config: MergeConfig, chunk_size: int, shard_size: int, convert_dir: str | None = None) -> Plan:
+    """Open and validate every input, then lay out the chunk grid and the output shards.
+    PyTorch .bin inputs are converted to safetensors in ``convert_dir``."""
+    base = open_checkpoint(config.base, convert_dir)
+    models = [open_checkpoint(s.path, convert_dir) for s in config.models]
     matched, ignored = match_tensors(config, base, models)
     chunk_size = align_chunk_size(chunk_size, config.m)
 

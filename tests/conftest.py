@@ -103,3 +103,17 @@ def rewrite_model(path: str, changes: dict[str, tuple[np.ndarray, str] | None]) 
             os.remove(os.path.join(path, f))
     config = json.load(open(os.path.join(path, "config.json")))
     write_model(path, tensors, config=config)
+
+
+def digest_folder(path: str) -> dict[str, str]:
+    import hashlib
+    return {os.path.join(r, f): hashlib.sha256(open(os.path.join(r, f), "rb").read()).hexdigest()
+            for r, _, fs in os.walk(path) for f in fs}
+
+
+@pytest.fixture
+def inputs_unchanged(family):
+    """Hash every input file before the test and check none changed after it."""
+    before = {k: digest_folder(v) for k, v in family.items()}
+    yield
+    assert {k: digest_folder(v) for k, v in family.items()} == before, "an input was modified"

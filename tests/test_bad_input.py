@@ -135,3 +135,39 @@ def test_output_exists_or_inside_input(family, tmp_path):
     cfg = build_config(base=family["base"], models=[family["ft1"]], n=3, m=8)
     with pytest.raises(OutputError, match="inside input"):
         merge(cfg, os.path.join(family["base"], "merged"))
+
+
+def _raw(tmp_path, header: dict | bytes, data: bytes = b"") -> str:
+    text = header if isinstance(header, bytes) else json.dumps(header).encode()
+    p = tmp_path / "model.safetensors"
+    p.write_bytes(struct.pack("<Q", len(text)) + text + data)
+    return str(p)
+
+
+@pytest.mark.parametrize("header, data, msg", [
+    (b"\xff\xfe{}", b"", "header is not UTF-8"),
+    (b"[1, 2]", b"", "not a JSON object"),
+    ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+      "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}, b"\0" * 12, r"'b'.*overlaps tensor 'a'"),
+    ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, b"\0" * 4, r"'a'.*run past the end"),
+    ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}, b"\0" * 12, r"'a'.*gap of 4"),
+    ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, b"\0" * 16, "covers 8 bytes but the file holds 16"),
+    ({"a": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}}, b"\0" * 8, r"'a'.*needs 12"),
+    ({"a": {"dtype": "Q7", "shape": [2], "data_offsets": [0, 8]}}, b"\0" * 8, r"'a'.*unknown dtype 'Q7'"),
+    ({"a": {"dtype": "F32", "shape": [-2], "data_offsets": [0, 8]}}, b"\0" * 8, r"'a'.*invalid shape"),
+    ({"a": {"dtype": "F32", "shape": [2]}}, b"\0" * 8, r"'a'.*exactly dtype, shape and data_offsets"),
+])
+def test_damaged_headers_are_named(tmp_path, header, data, msg):
+    path = _raw(tmp_path, header, data)
+    with pytest.raises(CheckpointError, match=msg) as e:
+        read_header(path, "ftX")
+    assert "model ftX" in str(e.value) and path in str(e.value)
+
+
+def test_damaged_input_stops_merge_before_writing(family, tmp_path):
+    path = shard_of(family["ft2"], "layer.0.w")
+    head = json.dumps({"layer.0.w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}).encode()
+    open(path, "wb").write(struct.pack("<Q", len(head)) + head + b"\0" * 4)
+    with pytest.raises(CheckpointError, match=r"ft2.*'layer.0.w'.*run past the end"):
+        run(family, tmp_path)
+    assert nothing_written(tmp_path)

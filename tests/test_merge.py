@@ -18,6 +18,8 @@ from cabs_stream_cli.main import main as cli
 from conftest import as_f32, load_model
 from reference import encode_ref, merge_ref, decode_ref
 
+pytestmark = pytest.mark.usefixtures("inputs_unchanged")
+
 
 def shard_bytes(out: str) -> dict[str, str]:
     return {f: hashlib.sha256(open(os.path.join(out, f), "rb").read()).hexdigest()
