@@ -19,7 +19,7 @@ import dask.multiprocessing
 import dask.threaded
 import numpy as np
 
-from . import checkpoint, kernels, state
+from . import checkpoint, kernels, state, stats as chunk_stats
 from .dtypes import FLOAT_CODES, ITEMSIZE, numpy_float
 from .errors import CheckpointError, OutputError
 from .plan import Plan
@@ -116,10 +116,12 @@ def run_chunk(job_path: str, index: int) -> np.ndarray:
     out = _scratch("out", (out_words,), np.uint16)
     masks = _scratch("masks", (k, -(-ch.count // 8)), np.uint8)
     masks[:] = 0
-    stats = np.zeros(state.stats_width(k), np.int64)
+    stats = np.zeros(chunk_stats.width(k), np.int64)
     tail_n = (2 * cfg.n * (ch.count % cfg.m) + cfg.m) // (2 * cfg.m)
     kernels.merge_chunk(base, FLOAT_CODES[t.base.dtype], fts, codes, job.lam, job.order, ch.count,
-                        cfg.n, cfg.m, tail_n, job.mode, job.fill, out, FLOAT_CODES[t.out_dtype], masks, stats)
+                        cfg.n, cfg.m, tail_n, job.mode, job.fill, out, FLOAT_CODES[t.out_dtype], masks,
+                        stats[:chunk_stats.kernel_width(k)])
+    stats[chunk_stats.kernel_width(k):] = chunk_stats.balance(masks, ch.start, ch.count, cfg.m, t.shape)
     for info in (t.base, *t.fts):
         checkpoint.release(info, ch.start, ch.count)
     del base, fts

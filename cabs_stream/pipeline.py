@@ -12,11 +12,11 @@ from typing import Any
 
 import numpy as np
 
-from . import __version__, state, writer
+from . import __version__, state, stats, writer
 from .config import MergeConfig, load_config, parse_size
 from .engine import SCHEDULERS, Job, execute
 from .errors import ConfigError
-from .plan import Plan, make_plan
+from .plan import Plan, make_plan, tensor_chunk_size
 from .progress import MergeProgress
 
 DEFAULT_CHUNK = 1 << 22  # elements
@@ -68,32 +68,19 @@ def _fingerprint(plan: Plan, save_masks: bool) -> str:
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
 
 
-def _overlap(kept: np.ndarray, both: np.ndarray) -> list[list[float | None]]:
-    k = len(kept)
-    sym = both + both.T
-    return [[None if i == j or kept[i] == 0 else float(sym[i, j] / kept[i]) for j in range(k)]
-            for i in range(k)]
-
-
 def summarize(plan: Plan, rows: dict[int, np.ndarray]) -> dict[str, Any]:
-    """Per-tensor and overall density and overlap of the kept task-vector entries."""
+    """Per-tensor and overall density, overlap and balance of the kept task-vector entries."""
     k = len(plan.models)
     per_tensor: dict[int, np.ndarray] = {}
     for i, row in rows.items():
         t = plan.chunks[i].tensor
         per_tensor[t] = per_tensor.get(t, 0) + row
-    tensors, total = {}, np.zeros(state.stats_width(k), np.int64)
-    numel = 0
+    total = np.zeros(stats.width(k), np.int64)
+    tensors = {}
     for t, row in sorted(per_tensor.items()):
-        job = plan.tensors[t]
-        kept, nz, both = row[:k], row[k:2 * k], row[3 * k:].reshape(k, k)
-        tensors[job.name] = {"numel": job.numel, "kept": kept.tolist(), "nonzero": nz.tolist(),
-                             "density": (kept / max(job.numel, 1)).tolist(), "overlap": _overlap(kept, both)}
+        tensors[plan.tensors[t].name] = stats.describe(row, k, plan.tensors[t].numel)
         total += row
-        numel += job.numel
-    kept, nz, both = total[:k], total[k:2 * k], total[3 * k:].reshape(k, k)
-    return {"numel": numel, "kept": kept.tolist(), "nonzero": nz.tolist(),
-            "density": (kept / max(numel, 1)).tolist(), "overlap": _overlap(kept, both), "tensors": tensors}
+    return {**stats.describe(total, k, plan.merged_elements), "tensors": tensors}
 
 
 def merge(config: MergeConfig | str, out_dir: str, *, chunk_size: int | None = None,
@@ -120,7 +107,8 @@ def merge(config: MergeConfig | str, out_dir: str, *, chunk_size: int | None = N
     model_dir, state_path = os.path.join(work, "model"), os.path.join(work, "state.zarr")
     fp = _fingerprint(plan, save_masks)
     os.makedirs(work, exist_ok=True)
-    masks = {t.name: (t.numel, plan.chunk_size) for t in plan.tensors if t.merged} if save_masks else None
+    masks = ({t.name: (t.numel, tensor_chunk_size(plan.chunk_size, cfg.m, t.shape)) for t in plan.tensors if t.merged}
+             if save_masks else None)
     g = state.create(state_path, fp, len(plan.chunks), len(cfg.models), masks)
     state.forget(state_path)
     previous = g["stats"][:] if plan.chunks else np.zeros((0, 1), np.int64)

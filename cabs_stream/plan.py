@@ -76,6 +76,15 @@ def align_chunk_size(requested: int, m: int) -> int:
     return max(step, -(-requested // step) * step)
 
 
+def tensor_chunk_size(chunk_size: int, m: int, shape: tuple[int, ...]) -> int:
+    """The chunk size of one tensor: whole rows too when a row fits (for the row statistics)."""
+    if len(shape) >= 2:
+        row_step = math.lcm(m, 8, shape[-1])
+        if row_step <= chunk_size:
+            return chunk_size // row_step * row_step
+    return chunk_size
+
+
 def match_tensors(config: MergeConfig, base: Checkpoint, models: list[Checkpoint]) \
         -> tuple[list[tuple[str, TensorInfo, tuple[TensorInfo, ...]]], list[str]]:
     """Pair every base tensor with the fine-tuned ones; raise on any mismatch."""
@@ -147,7 +156,8 @@ def make_plan(config: MergeConfig, chunk_size: int, shard_size: int, convert_dir
             size += math.prod(shape) * ITEMSIZE[dtype]
         shards.append(OutShard(fname, header, size))
 
-    chunks = [Chunk(t, start, min(chunk_size, job.numel - start))
+    chunks = [Chunk(t, start, min(size, job.numel - start))
               for t, job in enumerate(tensors) if job.merged
-              for start in range(0, job.numel, chunk_size)]
+              for size in [tensor_chunk_size(chunk_size, config.m, job.shape)]
+              for start in range(0, job.numel, size)]
     return Plan(config, base, models, tensors, shards, chunks, chunk_size, ignored)

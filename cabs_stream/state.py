@@ -16,13 +16,10 @@ import threading
 import numpy as np
 import zarr
 
+from .stats import width as stats_width
+
 _open: dict[str, zarr.Group] = {}
 _lock = threading.Lock()
-
-
-def stats_width(k: int) -> int:
-    """Columns of a stats row: kept (k), non-zero (k), non-finite (k), pairwise both (k*k)."""
-    return 3 * k + k * k
 
 
 def create(path: str, fingerprint: str, n_chunks: int, k: int,

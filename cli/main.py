@@ -138,8 +138,10 @@ def print_summary(report: dict, out_dir: str) -> None:
     click.echo(f"merged {k} models into {out_dir} with {what}")
     for i, name in enumerate(report["models"]):
         over = [f"{o:.4f}" for o in report["overlap"][i] if o is not None]
+        cv = lambda x: "-" if x is None else f"{x:.3f}"  # noqa: E731
         click.echo(f"  {name}: weight {cfg['models'][i]['weight']}, density {report['density'][i]:.4f}, "
-                   f"overlap with others {', '.join(over) or '-'}")
+                   f"overlap with others {', '.join(over) or '-'}, kept-count CV over rows "
+                   f"{cv(report['cv_rows'][i])} / over groups {cv(report['cv_groups'][i])}")
     sec = report["seconds"]
     gb = (report["bytes_read"] + report["bytes_written"]) / 1e9
     click.echo(f"  {report['numel'] / 1e6:.1f} M parameters, {gb:.2f} GB read+written in {sec['total']:.1f} s "

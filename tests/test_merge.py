@@ -143,3 +143,26 @@ def test_demo_runs(tmp_path):
     assert r.exit_code == 0, r.output
     assert "merged 2 models" in r.output
     assert os.path.exists(tmp_path / "demo" / "merged" / "model.safetensors.index.json")
+
+
+def test_report_overlap_and_balance_by_hand(tmp_path_factory):
+    """Two 2x8 task vectors, 2:4 CABS (strict): every number below is counted by hand."""
+    from conftest import write_model
+    tmp_path = tmp_path_factory.mktemp("hand")
+    base = np.zeros((2, 8))
+    a = np.array([[4, 3, 0, 0, 1, 1, 1, 1], [0, 0, 0, 0, 0, 0, 0, 2]], float)
+    b = np.array([[1, 1, 1, 1, 0, 0, 0, 0], [0, 0, 0, 0, 0, 0, 3, 3]], float)
+    for name, v in (("base", base), ("a", a), ("b", b)):
+        write_model(str(tmp_path / name), {"w": (v, "F32")})
+    cfg = build_config(base=str(tmp_path / "base"), models=[str(tmp_path / "a"), str(tmp_path / "b")],
+                       n=2, m=4, overlap="fill")
+    rep = merge(cfg, str(tmp_path / "out"), chunk_size=8).report
+    # group by group: g0 a:{0,1} b:{2,3}; g1 a:{4,5} b: no non-zero -> none; g2 a: none b: none;
+    # g3 a:{7} b: free non-zero {6} -> {6}, fill tops up from used {7} -> {6,7}
+    assert rep["kept"] == [5, 4]
+    assert rep["overlap"][0][1] == pytest.approx(1 / 5) and rep["overlap"][1][0] == pytest.approx(1 / 4)
+    assert rep["density"] == [5 / 16, 4 / 16]
+    # rows: a keeps 4 and 1 -> mean 2.5, std 1.5, cv 0.6; b keeps 2 and 2 -> cv 0
+    assert rep["cv_rows"][0] == pytest.approx(0.6) and rep["cv_rows"][1] == pytest.approx(0.0)
+    # groups: a 2,2,0,1 -> mean 1.25, var 0.6875; b 2,0,0,2 -> mean 1, std 1
+    assert rep["cv_groups"][0] == pytest.approx(0.6875 ** 0.5 / 1.25) and rep["cv_groups"][1] == pytest.approx(1.0)
