@@ -5,7 +5,8 @@ from __future__ import annotations
 import math
 import os
 import re
-from dataclasses import dataclass, field
+import warnings
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import yaml
@@ -13,22 +14,60 @@ import yaml
 from .dtypes import parse_dtype
 from .errors import ConfigError
 
-METHODS = ("cabs", "task_arithmetic")
+from .methods import METHODS as _METHOD_TABLE
+
+METHODS = tuple(_METHOD_TABLE)
 OVERLAP_POLICIES = ("fill", "strict")
+SCOPES = ("tensor", "row", "global")
 DEFAULT_M = 256
 
-_TOP_KEYS = {"merge_method", "base_model", "models", "parameters", "dtype", "tokenizer_source"}
-_PARAM_KEYS = {"n", "m", "sparsity", "overlap", "pruning_order", "weight"}
+_TOP_KEYS = {"merge_method", "base_model", "models", "parameters", "dtype", "tokenizer_source", "exclude"}
+#: Per-model parameters (also accepted under the top-level ``parameters`` as defaults).
+_MODEL_PARAM_KEYS = {"weight", "density", "gamma"}
+#: Shared parameters.
+_SHARED_KEYS = {"n", "m", "sparsity", "overlap", "pruning_order", "normalize", "lambda", "rescale",
+                "random_seed", "scope", "int8_mask"}
+_PARAM_KEYS = _MODEL_PARAM_KEYS | _SHARED_KEYS
 _MODEL_KEYS = {"model", "parameters"}
-_MODEL_PARAM_KEYS = {"weight"}
+#: Accepted for compatibility with mergekit files; they change nothing here.
+IGNORED_NOTES = {"int8_mask": "int8_mask is accepted and ignored: masks are always bit-packed here"}
+
+
+#: A parameter value: a scalar, or mergekit's list of {filter, value} conditions (the first
+#: whose filter is absent, "*" or a substring of the tensor name applies).
+Value = Any
+
+
+def resolve(value: Value, tensor: str) -> Any:
+    """The value of a (possibly filtered) parameter for one tensor; None if no condition matches."""
+    if isinstance(value, tuple):
+        for flt, v in value:
+            if flt is None or flt == "*" or flt in tensor:
+                return v
+        return None
+    return value
+
+
+def _conditions(value: Any, what: str) -> Value:
+    if isinstance(value, list) and value and all(isinstance(c, dict) for c in value):
+        out = []
+        for c in value:
+            _unknown(c, {"filter", "value"}, what)
+            if "value" not in c:
+                raise ConfigError(f"{what}: each condition needs a 'value'")
+            out.append((c.get("filter"), c["value"]))
+        return tuple(out)
+    return value
 
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """A fine-tuned model and the weight (lambda) of its task vector."""
+    """A fine-tuned model, the weight (lambda) of its task vector and its other parameters."""
 
     path: str
-    weight: float = 1.0
+    weight: Value = 1.0
+    density: Value = None
+    gamma: Value = None
 
 
 @dataclass(frozen=True)
@@ -45,23 +84,49 @@ class MergeConfig:
     dtype: str | None = None  # output float dtype (safetensors name); None = base's
     tokenizer_source: str | None = None
     allow_missing: bool = False
-    extra: dict[str, Any] = field(default_factory=dict, compare=False)
+    shared: dict[str, Any] = field(default_factory=dict)  # normalize, lambda, rescale, seed, scope, density...
+    exclude: tuple[str, ...] = ()  # tensor-name substrings copied from the base
 
     @property
     def order(self) -> tuple[int, ...]:
         return self.pruning_order or tuple(range(len(self.models)))
 
+    @property
+    def spec(self):
+        return _METHOD_TABLE[self.method]
+
+    def model_param(self, name: str, i: int, tensor: str, default: Any = None) -> Any:
+        """A per-model parameter for one tensor: the model's own, else the shared default."""
+        v = resolve(getattr(self.models[i], name), tensor)
+        if v is None:
+            v = resolve(self.shared.get(name), tensor)
+        return default if v is None else v
+
+    def shared_param(self, name: str, tensor: str = "", default: Any = None) -> Any:
+        v = resolve(self.shared.get(name), tensor)
+        return default if v is None else v
+
+    def excluded(self, tensor: str) -> bool:
+        return any(p in tensor for p in self.exclude)
+
     def describe(self) -> dict[str, Any]:
         """JSON-ready description (for the manifest and the fingerprint)."""
+        def plain(v: Value) -> Any:
+            return [{"filter": f, "value": x} for f, x in v] if isinstance(v, tuple) else v
+
         d: dict[str, Any] = {
             "merge_method": self.method,
             "base_model": self.base,
-            "models": [{"model": s.path, "weight": s.weight} for s in self.models],
+            "models": [{"model": s.path, "weight": plain(s.weight),
+                        **({"density": plain(s.density)} if s.density is not None else {}),
+                        **({"gamma": plain(s.gamma)} if s.gamma is not None else {})} for s in self.models],
+            "parameters": {k: plain(v) for k, v in sorted(self.shared.items())},
+            "exclude": list(self.exclude),
             "dtype": self.dtype,
             "tokenizer_source": self.tokenizer_source,
             "allow_missing": self.allow_missing,
         }
-        if self.method == "cabs":
+        if self.spec.selection in ("nm_ca", "nm"):
             d.update(n=self.n, m=self.m, density=self.n / self.m, overlap=self.overlap,
                      pruning_order=[self.models[i].path for i in self.order])
         return d
@@ -89,8 +154,13 @@ def build_config(*, method: str = "cabs", base: str, models: list[str] | list[Mo
                  weights: list[float] | None = None, n: int | None = None, m: int | None = None,
                  sparsity: float | None = None, overlap: str = "fill",
                  pruning_order: list[str] | None = None, dtype: str | None = None,
-                 tokenizer_source: str | None = None, allow_missing: bool = False) -> MergeConfig:
-    """Validate arguments and build a ``MergeConfig`` (the API and the CLI flags use this)."""
+                 tokenizer_source: str | None = None, allow_missing: bool = False,
+                 density: float | None = None, params: dict[str, Any] | None = None,
+                 exclude: list[str] | None = None) -> MergeConfig:
+    """Validate arguments and build a ``MergeConfig`` (the API and the CLI flags use this).
+
+    ``params`` holds the shared parameters of the other methods (normalize, lambda, rescale,
+    random_seed, scope, gamma, density; values may be mergekit filter lists)."""
     if method not in METHODS:
         raise ConfigError(f"unknown merge_method {method!r}; choose one of {', '.join(METHODS)}")
     if not base:
@@ -101,9 +171,30 @@ def build_config(*, method: str = "cabs", base: str, models: list[str] | list[Mo
     if weights:
         if len(weights) != len(specs):
             raise ConfigError(f"{len(weights)} weights given for {len(specs)} models; give one per model")
-        specs = [ModelSpec(s.path, _number(w, f"weight of {s.path}")) for s, w in zip(specs, weights)]
+        specs = [replace(s, weight=_number(w, f"weight of {s.path}")) for s, w in zip(specs, weights)]
     for s in specs:
-        _number(s.weight, f"weight of {s.path}")
+        _check_values(s.weight, f"weight of {s.path}")
+        _check_values(s.density, f"density of {s.path}", lo=0.0, hi=1.0)
+        _check_values(s.gamma, f"gamma of {s.path}", lo=0.0, hi=1.0)
+    shared = {k: v for k, v in (params or {}).items() if v is not None}
+    if density is not None:
+        shared["density"] = density
+    _unknown(shared, (_PARAM_KEYS - {"n", "m", "sparsity", "overlap", "pruning_order"}), "parameters")
+    for key, note in IGNORED_NOTES.items():
+        if key in shared:
+            warnings.warn(note, stacklevel=2)
+            shared.pop(key)
+    _check_values(shared.get("density"), "density", lo=0.0, hi=1.0)
+    _check_values(shared.get("gamma"), "gamma", lo=0.0, hi=1.0)
+    _check_values(shared.get("weight"), "weight")
+    _check_values(shared.get("lambda"), "lambda")
+    if "scope" in shared and shared["scope"] not in SCOPES:
+        raise ConfigError(f"scope must be one of {', '.join(SCOPES)}, got {shared['scope']!r}")
+    if "random_seed" in shared:
+        _int(shared["random_seed"], "random_seed")
+    for key in ("normalize", "rescale"):
+        if key in shared and not isinstance(shared[key], bool):
+            raise ConfigError(f"{key} must be true or false, got {shared[key]!r}")
 
     real = lambda p: os.path.realpath(p)  # noqa: E731
     seen: dict[str, str] = {real(base): base}
@@ -146,7 +237,16 @@ def build_config(*, method: str = "cabs", base: str, models: list[str] | list[Mo
     except ValueError as e:
         raise ConfigError(str(e)) from None
     return MergeConfig(method, str(base), tuple(specs), n, m, overlap, order, out_dtype,
-                       tokenizer_source, allow_missing)
+                       tokenizer_source, allow_missing, shared, tuple(exclude or ()))
+
+
+def _check_values(value: Value, what: str, lo: float | None = None, hi: float | None = None) -> None:
+    for v in ([x for _, x in value] if isinstance(value, tuple) else [value]):
+        if v is None:
+            continue
+        x = _number(v, what)
+        if lo is not None and not lo <= x <= hi:
+            raise ConfigError(f"{what} must be between {lo} and {hi}, got {x}")
 
 
 def load_config(path: str, **overrides: Any) -> MergeConfig:
@@ -165,7 +265,7 @@ def load_config(path: str, **overrides: Any) -> MergeConfig:
     if not isinstance(params, dict):
         raise ConfigError("'parameters' must be a mapping")
     _unknown(params, _PARAM_KEYS, "parameters")
-    default_w = _number(params.get("weight", 1.0), "parameters.weight")
+    default_w = _conditions(params.get("weight", 1.0), "parameters.weight")
     entries = doc.get("models") or []
     if not isinstance(entries, list):
         raise ConfigError("'models' must be a list")
@@ -180,18 +280,31 @@ def load_config(path: str, **overrides: Any) -> MergeConfig:
         if not isinstance(p, dict):
             raise ConfigError(f"parameters of {e['model']} must be a mapping")
         _unknown(p, _MODEL_PARAM_KEYS, f"parameters of {e['model']}")
-        specs.append(ModelSpec(str(e["model"]), _number(p.get("weight", default_w), f"weight of {e['model']}")))
+        where = f"parameters of {e['model']}"
+        specs.append(ModelSpec(str(e["model"]), _conditions(p.get("weight", default_w), where),
+                               _conditions(p.get("density"), where), _conditions(p.get("gamma"), where)))
     kw: dict[str, Any] = dict(
         method=doc.get("merge_method", "cabs"), base=doc.get("base_model"), models=specs,
         n=params.get("n"), m=params.get("m"), sparsity=params.get("sparsity"),
         overlap=params.get("overlap", "fill"), pruning_order=params.get("pruning_order"),
-        dtype=doc.get("dtype"), tokenizer_source=doc.get("tokenizer_source"))
+        dtype=doc.get("dtype"), tokenizer_source=doc.get("tokenizer_source"),
+        params={k: _conditions(v, f"parameters.{k}") for k, v in params.items()
+                if k not in ("n", "m", "sparsity", "overlap", "pruning_order", "weight")},
+        exclude=_strings(doc.get("exclude"), "exclude"))
     if kw["base"] is None:
         raise ConfigError(f"config {path} has no base_model")
     kw.update({k: v for k, v in overrides.items() if v is not None})
     if overrides.get("n") is not None or overrides.get("sparsity") is not None:
         kw["n" if overrides.get("sparsity") is not None else "sparsity"] = None
     return build_config(**kw)
+
+
+def _strings(value: Any, what: str) -> list[str]:
+    if value is None:
+        return []
+    if not isinstance(value, list) or not all(isinstance(x, str) for x in value):
+        raise ConfigError(f"{what} must be a list of tensor-name patterns")
+    return value
 
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b?|b)?\s*$", re.IGNORECASE)

@@ -19,10 +19,13 @@ import dask.multiprocessing
 import dask.threaded
 import numpy as np
 
-from . import checkpoint, kernels, state, stats as chunk_stats
+from . import baseline_kernels as BK
+from . import checkpoint, kernels, state
+from . import stats as chunk_stats
 from .dtypes import FLOAT_CODES, ITEMSIZE, numpy_float
 from .errors import CheckpointError, OutputError
 from .plan import Plan
+from .selection import TensorSelection, tensor_selection
 
 SCHEDULERS = ("threads", "processes", "synchronous")
 
@@ -36,22 +39,20 @@ class Job:
     state_path: str
     save_masks: bool
     allow_nonfinite: bool
-    codes: np.ndarray
-    lam: np.ndarray
-    order: np.ndarray
-    mode: int
-    fill: bool
+    sel: list[TensorSelection | None]  # per tensor (None for copied tensors)
+    thr: np.ndarray | None = None  # (n_chunks, k, 2) thresholds of SEL_TOP / SEL_BAND
+    bud: np.ndarray | None = None  # (n_chunks, k, 2) tie budgets
 
     @classmethod
     def create(cls, plan: Plan, shard_paths: list[str], state_path: str, save_masks: bool,
                allow_nonfinite: bool) -> "Job":
-        cfg = plan.config
-        return cls(plan, shard_paths, state_path, save_masks, allow_nonfinite,
-                   codes=np.zeros(len(cfg.models), np.int64),  # per tensor, filled in run_chunk
-                   lam=np.array([s.weight for s in cfg.models], np.float32),
-                   order=np.array(cfg.order, np.int64),
-                   mode=kernels.NM_CA if cfg.method == "cabs" else kernels.KEEP_ALL,
-                   fill=cfg.overlap == "fill")
+        sel = [tensor_selection(plan.config, t) if t.merged else None for t in plan.tensors]
+        return cls(plan, shard_paths, state_path, save_masks, allow_nonfinite, sel)
+
+    @property
+    def fused(self) -> bool:
+        """CABS and task arithmetic run in the fused kernel (kernels.merge_chunk)."""
+        return self.plan.config.method in ("cabs", "task_arithmetic")
 
 
 # Per-process caches: the job (loaded once from its pickle), output fds, scratch buffers.
@@ -101,6 +102,46 @@ def _pwrite_all(fd: int, data: memoryview, offset: int, path: str) -> None:
         raise OutputError(f"cannot write {path}: {e.strerror}") from None
 
 
+def _fused(job: Job, t, ch, base, fts, codes, out, masks, stats) -> None:
+    cfg = job.plan.config
+    tail_n = (2 * cfg.n * (ch.count % cfg.m) + cfg.m) // (2 * cfg.m)
+    mode = kernels.NM_CA if cfg.method == "cabs" else kernels.KEEP_ALL
+    kernels.merge_chunk(base, FLOAT_CODES[t.base.dtype], fts, codes, job.sel[ch.tensor].weight,
+                        np.array(cfg.order, np.int64), ch.count, cfg.n, cfg.m, tail_n, mode,
+                        cfg.overlap == "fill", out, FLOAT_CODES[t.out_dtype], masks, stats)
+
+
+def _baseline(job: Job, index: int, t, ch, base, fts, codes, out, masks, stats) -> None:
+    cfg = job.plan.config
+    spec = cfg.spec
+    sel = job.sel[ch.tensor]
+    k = len(fts)
+    b = _scratch("b", (ch.count,), np.float32)
+    vals = _scratch("vals", (k, ch.count), np.float32)
+    keep = _scratch("keep", (k, ch.count), np.uint8)
+    BK.decode_chunk(base, FLOAT_CODES[t.base.dtype], fts, codes, ch.count, b, vals, spec.linear)
+    seed = int(cfg.shared_param("random_seed", t.name, 0))
+    cols = t.shape[-1] if len(t.shape) >= 2 else t.numel
+    thr = job.thr[index] if job.thr is not None else np.full((k, 2), 0xFFFFFFFF, np.uint32)
+    bud = job.bud[index] if job.bud is not None else np.zeros((k, 2), np.int64)
+    for i in range(k):
+        if sel.mode == BK.SEL_MASK:  # n:m of this task vector alone, by the CABS kernel with k = 1
+            one = _scratch("one", (-(-ch.count // 8),), np.uint8)
+            one[:] = 0
+            tail_n = (2 * cfg.n * (ch.count % cfg.m) + cfg.m) // (2 * cfg.m)
+            kernels.merge_chunk(base, FLOAT_CODES[t.base.dtype], (fts[i],), codes[i:i + 1], sel.weight[i:i + 1],
+                                np.zeros(1, np.int64), ch.count, cfg.n, cfg.m, tail_n, kernels.NM_CA, True,
+                                _scratch("tmp", (2 * ch.count,), np.uint16), 2, one.reshape(1, -1),
+                                np.zeros(chunk_stats.kernel_width(1), np.int64))
+            keep[i] = np.unpackbits(one, bitorder="little")[:ch.count]
+        BK.select(vals, i, ch.count, sel.mode, thr[i, 0], bud[i, 0], thr[i, 1], bud[i, 1], cols,
+                  sel.row_k[i], sel.density[i], seed, i, sel.tensor_key, ch.start, keep)
+    normalize = bool(cfg.shared_param("normalize", t.name, spec.normalize))
+    lam = np.float32(cfg.shared_param("lambda", t.name, 1.0))
+    BK.combine(b, vals, keep, sel.weight, sel.scale, spec.consensus, normalize, lam, spec.linear, ch.count,
+               out, FLOAT_CODES[t.out_dtype], masks, stats)
+
+
 def run_chunk(job_path: str, index: int) -> np.ndarray:
     """Merge one chunk; returns its stats row (also recorded in the state)."""
     job = _job(job_path)
@@ -112,19 +153,19 @@ def run_chunk(job_path: str, index: int) -> np.ndarray:
     base = checkpoint.read_words(t.base, ch.start, ch.count, np.dtype(np.uint16))
     fts = tuple(checkpoint.read_words(f, ch.start, ch.count, np.dtype(np.uint16)) for f in t.fts)
     codes = np.array([FLOAT_CODES[f.dtype] for f in t.fts], np.int64)
-    out_words = ch.count * ITEMSIZE[t.out_dtype] // 2
-    out = _scratch("out", (out_words,), np.uint16)
+    out = _scratch("out", (ch.count * ITEMSIZE[t.out_dtype] // 2,), np.uint16)
     masks = _scratch("masks", (k, -(-ch.count // 8)), np.uint8)
     masks[:] = 0
     stats = np.zeros(chunk_stats.width(k), np.int64)
-    tail_n = (2 * cfg.n * (ch.count % cfg.m) + cfg.m) // (2 * cfg.m)
-    kernels.merge_chunk(base, FLOAT_CODES[t.base.dtype], fts, codes, job.lam, job.order, ch.count,
-                        cfg.n, cfg.m, tail_n, job.mode, job.fill, out, FLOAT_CODES[t.out_dtype], masks,
-                        stats[:chunk_stats.kernel_width(k)])
-    stats[chunk_stats.kernel_width(k):] = chunk_stats.balance(masks, ch.start, ch.count, cfg.m, t.shape)
+    kstats = stats[:chunk_stats.kernel_width(k)]
+    if job.fused:
+        _fused(job, t, ch, base, fts, codes, out, masks, kstats)
+    else:
+        _baseline(job, index, t, ch, base, fts, codes, out, masks, kstats)
     for info in (t.base, *t.fts):
         checkpoint.release(info, ch.start, ch.count)
     del base, fts
+    stats[chunk_stats.kernel_width(k):] = chunk_stats.balance(masks, ch.start, ch.count, cfg.m, t.shape)
 
     bad = stats[2 * k:3 * k]
     if bad.any() and not job.allow_nonfinite:
@@ -162,6 +203,21 @@ def close() -> None:
     checkpoint.close_maps()
 
 
+def _get(scheduler: str):
+    return {"threads": dask.threaded.get, "processes": dask.multiprocessing.get, "synchronous": dask.get}[scheduler]
+
+
+def run_map(fn, args_list: list[tuple], workers: int, scheduler: str) -> list:
+    """Run fn(*args) for each args in parallel with Dask (threads for the threshold passes)."""
+    dsk = {("map", i): (fn, *args) for i, args in enumerate(args_list)}
+    kwargs = {} if scheduler == "synchronous" else {"num_workers": workers}
+    sched = "threads" if scheduler == "processes" else scheduler  # the passes share the plan in memory
+    try:
+        return list(_get(sched)(dsk, list(dsk), **kwargs)) if dsk else []
+    finally:
+        checkpoint.close_maps()
+
+
 def execute(job: Job, job_path: str, todo: list[int], workers: int, scheduler: str,
             callbacks: tuple = ()) -> dict[int, np.ndarray]:
     """Run the chunk tasks ``todo`` plus the tensor copies; returns stats rows by chunk index."""
@@ -171,8 +227,7 @@ def execute(job: Job, job_path: str, todo: list[int], workers: int, scheduler: s
     dsk.update({("copy", t): (copy_tensor, job_path, t)
                 for t, tj in enumerate(job.plan.tensors) if not tj.merged})
     keys = list(dsk)
-    get = {"threads": dask.threaded.get, "processes": dask.multiprocessing.get,
-           "synchronous": dask.get}[scheduler]
+    get = _get(scheduler)
     kwargs = {} if scheduler == "synchronous" else {"num_workers": workers}
     try:
         results = get(dsk, keys, callbacks=[c._callback for c in callbacks], **kwargs)

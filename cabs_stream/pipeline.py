@@ -14,10 +14,12 @@ import numpy as np
 
 from . import __version__, state, stats, writer
 from .config import MergeConfig, load_config, parse_size
-from .engine import SCHEDULERS, Job, execute
+from . import baseline_kernels as BK
+from .engine import SCHEDULERS, Job, execute, run_map
 from .errors import ConfigError
 from .plan import Plan, make_plan, tensor_chunk_size
 from .progress import MergeProgress
+from .selection import _top_count, thresholds
 
 DEFAULT_CHUNK = 1 << 22  # elements
 RUNTIME_RESERVE = 256 << 20  # bytes for the interpreter, numba, dask and zarr
@@ -32,7 +34,7 @@ class MergeResult:
 
 
 def engine_settings(plan_k: int, chunk_size: int | None, workers: int | None,
-                    memory: int | None) -> tuple[int, int]:
+                    memory: int | None, fused: bool = True) -> tuple[int, int]:
     """Chunk size (elements) and worker count, derived from a memory budget when given.
 
     A chunk in flight holds its input pages (<= 4 bytes per element per model, base included),
@@ -47,7 +49,7 @@ def engine_settings(plan_k: int, chunk_size: int | None, workers: int | None,
         return chunk_size, workers
     if memory is None:
         return DEFAULT_CHUNK, workers
-    per_element = 4 * (plan_k + 1) + 4 + plan_k / 8
+    per_element = 4 * (plan_k + 1) + 4 + plan_k / 8 + (0 if fused else 5 * plan_k + 4)
     room = memory - RUNTIME_RESERVE
     if room < 64 * 1024 * per_element:
         raise ConfigError(f"--memory {memory} bytes is too small; allow at least "
@@ -83,6 +85,26 @@ def summarize(plan: Plan, rows: dict[int, np.ndarray]) -> dict[str, Any]:
     return {**stats.describe(total, k, plan.merged_elements), "tensors": tensors}
 
 
+def find_thresholds(job: Job, workers: int, scheduler: str) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """Exact per-chunk thresholds for the methods that keep the top of |tau| per tensor or model."""
+    plan, cfg = job.plan, job.plan.config
+    by_tensor: dict[int, list[int]] = {}
+    for i, ch in enumerate(plan.chunks):
+        by_tensor.setdefault(ch.tensor, []).append(i)
+    top = [t for t in by_tensor if job.sel[t].mode in (BK.SEL_TOP, BK.SEL_BAND)]
+    if not top:
+        return None, None
+    if cfg.shared.get("scope") == "global":
+        k = len(cfg.models)
+        total = sum(plan.tensors[t].numel for t in top)
+        groups = [[c for t in top for c in by_tensor[t]]]
+        ranks = [[(_top_count(cfg.model_param("density", i, "", 1.0), total), -1) for i in range(k)]]
+    else:
+        groups = [by_tensor[t] for t in top]
+        ranks = [job.sel[t].ranks for t in top]
+    return thresholds(plan, groups, ranks, lambda fn, args: run_map(fn, args, workers, scheduler))
+
+
 def merge(config: MergeConfig | str, out_dir: str, *, chunk_size: int | None = None,
           workers: int | None = None, memory: int | str | None = None, scheduler: str = "threads",
           shard_size: int | str = "5GB", overwrite: bool = False, save_masks: bool = False,
@@ -100,9 +122,11 @@ def merge(config: MergeConfig | str, out_dir: str, *, chunk_size: int | None = N
     inputs = [cfg.base, *(s.path for s in cfg.models)] + ([cfg.tokenizer_source] if cfg.tokenizer_source else [])
     writer.check_output(out_dir, inputs, overwrite)
     chunk, workers = engine_settings(len(cfg.models), chunk_size, workers,
-                                     parse_size(memory) if memory is not None else None)
+                                     parse_size(memory) if memory is not None else None,
+                                     fused=cfg.method in ("cabs", "task_arithmetic"))
     work = writer.work_dir(out_dir)
-    plan = make_plan(cfg, chunk, parse_size(shard_size), convert_dir=os.path.join(work, "converted"))
+    plan = make_plan(cfg, chunk, parse_size(shard_size), convert_dir=os.path.join(work, "converted"),
+                     whole_rows=cfg.shared.get("scope") == "row")
 
     model_dir, state_path = os.path.join(work, "model"), os.path.join(work, "state.zarr")
     fp = _fingerprint(plan, save_masks)
@@ -118,6 +142,9 @@ def merge(config: MergeConfig | str, out_dir: str, *, chunk_size: int | None = N
 
     todo = [i for i in range(len(plan.chunks)) if previous[i, 0] < 0]
     job = Job.create(plan, shard_paths, state_path, save_masks, allow_nonfinite)
+    if todo:
+        job.thr, job.bud = find_thresholds(job, workers, scheduler)
+    t_thresholds = time.monotonic()
     sizes = {}
     for i in todo:
         c = plan.chunks[i]
@@ -141,7 +168,8 @@ def merge(config: MergeConfig | str, out_dir: str, *, chunk_size: int | None = N
         "bytes_read": plan.input_bytes(), "bytes_written": bytes_written,
         "chunk_size": plan.chunk_size, "workers": workers, "scheduler": scheduler,
         "resumed_chunks": resumed,
-        "seconds": {"plan": t_plan - t0, "merge": t_merge - t_plan, "total": t_merge - t0},
+        "seconds": {"plan": t_plan - t0, "thresholds": t_thresholds - t_plan, "merge": t_merge - t_thresholds,
+                    "total": t_merge - t0},
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
     }
     manifest = {"tool": "cabs-stream", "version": __version__, **cfg.describe(),

@@ -76,12 +76,16 @@ def align_chunk_size(requested: int, m: int) -> int:
     return max(step, -(-requested // step) * step)
 
 
-def tensor_chunk_size(chunk_size: int, m: int, shape: tuple[int, ...]) -> int:
-    """The chunk size of one tensor: whole rows too when a row fits (for the row statistics)."""
-    if len(shape) >= 2:
-        row_step = math.lcm(m, 8, shape[-1])
+def tensor_chunk_size(chunk_size: int, m: int, shape: tuple[int, ...], whole_rows: bool = False) -> int:
+    """The chunk size of one tensor: whole rows too when a row fits (for the row statistics),
+    or always (``whole_rows``, for per-row selection; a 1-D tensor is one row)."""
+    cols = shape[-1] if len(shape) >= 2 else (math.prod(shape) if whole_rows else 0)
+    if cols:
+        row_step = math.lcm(m, 8, cols)
         if row_step <= chunk_size:
             return chunk_size // row_step * row_step
+        if whole_rows:
+            return row_step
     return chunk_size
 
 
@@ -94,13 +98,15 @@ def match_tensors(config: MergeConfig, base: Checkpoint, models: list[Checkpoint
             for mdl in models:
                 f = mdl.tensors.get(name)
                 if f is not None and (f.dtype != b.dtype or f.shape != b.shape):
-                    warnings.warn(f"{name}: integer tensor differs in {mdl.label}; copied from the base",
-                                  stacklevel=2)
+                    warnings.warn(f"{name}: differs in {mdl.label}; copied from the base", stacklevel=2)
             out.append((name, b, ()))
             continue
         if not is_mergeable(b.dtype):
             raise CheckpointError(f"unsupported dtype {b.dtype} (cabs-stream merges BF16, F16 and F32)",
                                   model=base.label, file=b.file, tensor=name)
+        if config.excluded(name):  # kept from the base: zero task vectors (still cast to the output dtype)
+            out.append((name, b, tuple(b for _ in models)))
+            continue
         fts = []
         for mdl in models:
             f = mdl.tensors.get(name)
@@ -125,7 +131,8 @@ def match_tensors(config: MergeConfig, base: Checkpoint, models: list[Checkpoint
     return out, ignored
 
 
-def make_plan(config: MergeConfig, chunk_size: int, shard_size: int, convert_dir: str | None = None) -> Plan:
+def make_plan(config: MergeConfig, chunk_size: int, shard_size: int, convert_dir: str | None = None,
+              whole_rows: bool = False) -> Plan:
     """Open and validate every input, then lay out the chunk grid and the output shards.
     PyTorch .bin inputs are converted to safetensors in ``convert_dir``."""
     base = open_checkpoint(config.base, convert_dir)
@@ -158,6 +165,6 @@ def make_plan(config: MergeConfig, chunk_size: int, shard_size: int, convert_dir
 
     chunks = [Chunk(t, start, min(size, job.numel - start))
               for t, job in enumerate(tensors) if job.merged
-              for size in [tensor_chunk_size(chunk_size, config.m, job.shape)]
+              for size in [tensor_chunk_size(chunk_size, config.m, job.shape, whole_rows)]
               for start in range(0, job.numel, size)]
     return Plan(config, base, models, tensors, shards, chunks, chunk_size, ignored)

@@ -83,3 +83,92 @@ def merge_ref(base: np.ndarray, fts: list[np.ndarray], lam: list[float], method:
     else:
         masks = nm_masks_ref(taus, n, m, order, overlap)
     return combine_ref(base, taus, masks, lam), masks
+
+
+# ---------------------------------------------------------------- baseline methods
+M64 = (1 << 64) - 1
+
+
+def _mix(z: int) -> int:
+    z = (z + 0x9E3779B97F4A7C15) & M64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & M64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & M64
+    return z ^ (z >> 31)
+
+
+def uniform_ref(seed: int, model: int, tensor_key: int, index: int) -> float:
+    """Counter-based uniform draw keyed by (seed, model, tensor, element index)."""
+    return (_mix(_mix(_mix(_mix(seed) ^ model) ^ tensor_key) ^ index) >> 11) / 2.0**53
+
+
+def top_count(density: float, n: int) -> int:
+    if density >= 1:
+        return n
+    if density <= 0 or n == 0:
+        return 0
+    return max(1, int(density * n))
+
+
+def band_counts(density: float, gamma: float, n: int) -> tuple[int, int]:
+    """breadcrumbs: (kept ranks end, outliers dropped from the top), mergekit's arithmetic."""
+    if density >= 1:
+        return n, 0
+    target, n_top = int(density * n), int(gamma * n)
+    top = n - max(0, n - target - n_top) - target
+    return top + target, top
+
+
+def select_ref(tau: np.ndarray, how: str, *, density=1.0, gamma=0.01, cols=None, seed=0, model=0,
+               tensor_key=0) -> np.ndarray:
+    """Mask of one task vector (flat) for the baseline selections."""
+    nz = tau != 0
+    if how == "all":
+        return nz
+    if how == "magnitude":
+        return top_q(tau, nz, top_count(density, tau.size))
+    if how == "row":
+        rows = tau.reshape(-1, cols)
+        return np.concatenate([top_q(r, r != 0, top_count(density, cols)) for r in rows])
+    if how == "band":
+        hi, lo = band_counts(density, gamma, tau.size)
+        return top_q(tau, nz, hi) & ~top_q(tau, nz, lo)
+    if how == "random":
+        u = np.array([uniform_ref(seed, model, tensor_key, j) for j in range(tau.size)])
+        return nz & (u < density)
+    raise ValueError(how)
+
+
+def combine_methods_ref(base, vals, keeps, w, scale, consensus=False, normalize=False, lam=1.0, linear=False):
+    """mergekit's generalized task arithmetic (and linear), element by element in float32."""
+    base = base.astype(np.float32)
+    k = len(vals)
+    w = np.asarray(w, np.float32)
+    if linear:
+        s = np.zeros_like(base)
+        for i in range(k):
+            s = s + (vals[i] * np.float32(1.0)) * w[i]
+        return (s / w.sum(dtype=np.float32)) if normalize else s
+    wd = [np.where(keeps[i], (vals[i] * np.float32(scale[i])).astype(np.float32) * w[i], np.float32(0)).astype(np.float32)
+          for i in range(k)]
+    s = np.zeros_like(base)
+    for x in wd:
+        s = s + x
+    if consensus:
+        maj = np.where(s >= 0, np.float32(1), np.float32(-1))
+        mixed = np.zeros_like(base)
+        div = np.zeros_like(base)
+        for i in range(k):
+            agree = np.sign(wd[i]) == maj
+            mixed = mixed + np.where(agree, wd[i], np.float32(0))
+            div = div + np.where(agree, w[i], np.float32(0))
+        div[div == 0] = 1
+    else:
+        mixed = s
+        div = np.full_like(base, w.sum(dtype=np.float32))
+        div[np.abs(div) < 1e-8] = 1
+    if normalize:
+        mixed = mixed / div
+    if lam != 1:
+        mixed = mixed * np.float32(lam)
+    anyk = np.logical_or.reduce(keeps)
+    return np.where(anyk, base + mixed, base).astype(np.float32)

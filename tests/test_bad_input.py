@@ -110,7 +110,7 @@ def test_nonfinite_task_vector(family, tmp_path):
     (dict(m=0), "m must be at least 1"), (dict(sparsity=1.0), r"sparsity must be in \[0, 1\)"),
     (dict(sparsity=0.5, n=2), "either n or sparsity"), (dict(weights=[1.0]), "1 weights given for 2 models"),
     (dict(weights=[1.0, float("nan")]), "finite number"), (dict(overlap="maybe"), "overlap must be"),
-    (dict(method="ties"), "unknown merge_method"),
+    (dict(method="slerp"), "unknown merge_method"),
 ])
 def test_invalid_parameters(family, kw, msg):
     args = dict(base=family["base"], models=[family["ft1"], family["ft2"]], n=3, m=8)

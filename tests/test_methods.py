@@ -1,0 +1,142 @@
+"""Baseline methods end to end against the numpy reference, bit for bit, and independent of
+chunking, workers and scheduler (including DARE's counter-based randomness)."""
+
+from __future__ import annotations
+
+import zlib
+
+import numpy as np
+import pytest
+import yaml
+
+from cabs_stream import build_config, load_config, merge
+from conftest import as_f32, load_model
+from reference import (combine_methods_ref, decode_ref, encode_ref, nm_masks_ref, select_ref, top_count,
+                       uniform_ref)
+from test_merge import assert_matches, shard_bytes
+
+pytestmark = pytest.mark.usefixtures("inputs_unchanged")
+MODELS = ["ft1", "ft2", "ft3"]
+W = [1.2, 0.8, 0.5]
+D = [0.3, 0.5, 0.7]
+
+
+def reference(family, method, *, scope="tensor", seed=0, gamma=0.1, normalize=None, lam=1.0, n=3, m=8,
+              exclude=()):
+    from cabs_stream.methods import METHODS
+    spec = METHODS[method]
+    normalize = spec.normalize if normalize is None else normalize
+    base = load_model(family["base"])
+    fts = [load_model(family[x]) for x in MODELS]
+    import json
+    import os
+    order = json.load(open(os.path.join(family["base"], "model.safetensors.index.json")))["weight_map"]
+    names = [n_ for n_ in order if base[n_].is_floating_point()]  # the model's order (global ties)
+    taus = {nm: [as_f32(f[nm]) - as_f32(base[nm]) for f in fts] for nm in names}
+    glob = {}
+    if scope == "global" and spec.selection == "magnitude":
+        flat = [np.concatenate([taus[nm][i] for nm in names]) for i in range(3)]
+        masks = [select_ref(flat[i], "magnitude", density=D[i]) for i in range(3)]
+        pos = 0
+        for nm in names:
+            size = taus[nm][0].size
+            glob[nm] = [mk[pos:pos + size] for mk in masks]
+            pos += size
+    out = {}
+    for name, b in base.items():
+        if not b.is_floating_point():
+            out[name] = b.numpy()
+            continue
+        bf = as_f32(b)
+        tv = taus[name]
+        if any(p in name for p in exclude):
+            res = bf
+        else:
+            key = zlib.crc32(name.encode())
+            cols = b.shape[-1] if b.dim() >= 2 else b.numel()
+            if spec.selection == "magnitude":
+                keeps = glob.get(name) or [select_ref(tv[i], "row" if scope == "row" else "magnitude", density=D[i],
+                                                      cols=cols) for i in range(3)]
+            elif spec.selection == "outliers":
+                keeps = [select_ref(tv[i], "band", density=D[i], gamma=gamma) for i in range(3)]
+            elif spec.selection == "random":
+                keeps = [select_ref(tv[i], "random", density=D[i], seed=seed, model=i, tensor_key=key) for i in range(3)]
+            elif spec.selection == "nm":
+                keeps = [nm_masks_ref([tv[i]], n, m)[0] for i in range(3)]
+            else:
+                keeps = [t != 0 for t in tv]
+            vals = [as_f32(f[name]) for f in fts] if spec.linear else tv
+            scale = [1 / d if spec.rescale else 1.0 for d in D]
+            res = combine_methods_ref(bf, vals, keeps, W, scale, spec.consensus, normalize, lam, spec.linear)
+        out[name] = decode_ref(encode_ref(res, "BF16"), "BF16").reshape(tuple(b.shape))
+    return out
+
+
+def config(family, method, **params):
+    from cabs_stream.config import ModelSpec
+    models = [ModelSpec(family[x], weight=w, density=d) for x, w, d in zip(MODELS, W, D)]
+    extra = {k: params.pop(k) for k in ("n", "m", "exclude") if k in params}
+    return build_config(method=method, base=family["base"], models=models, params=params, **extra)
+
+
+@pytest.mark.parametrize("method", ["linear", "ties", "dare_linear", "dare_ties", "magnitude", "random",
+                                    "breadcrumbs", "breadcrumbs_ties", "bs_only", "task_arithmetic"])
+def test_method_equals_reference(family, tmp_path, method):
+    params = {"gamma": 0.1, "random_seed": 5} if method != "bs_only" else {"n": 3, "m": 8}
+    out = str(tmp_path / "out")
+    merge(config(family, method, **params), out, chunk_size=16)
+    assert_matches(out, reference(family, method, seed=5, gamma=0.1))
+
+
+@pytest.mark.parametrize("scope", ["tensor", "row", "global"])
+def test_magnitude_scopes_exact(family, tmp_path, scope):
+    out = str(tmp_path / "out")
+    rep = merge(config(family, "magnitude", scope=scope), out, chunk_size=16).report
+    assert_matches(out, reference(family, "magnitude", scope=scope))
+    if scope == "global":
+        total = rep["numel"]
+        assert rep["kept"] == [min(top_count(d, total), nz) for d, nz in zip(D, rep["nonzero"])]
+
+
+def test_ties_with_lambda_normalize_and_exclude(family, tmp_path):
+    out = str(tmp_path / "out")
+    merge(config(family, "ties", normalize=False, **{"lambda": 0.7}, exclude=["embed", "head"]), out)
+    assert_matches(out, reference(family, "ties", normalize=False, lam=0.7, exclude=("embed", "head")))
+
+
+@pytest.mark.parametrize("method", ["dare_ties", "ties", "breadcrumbs"])
+def test_identical_across_chunking_and_workers(family, tmp_path, method):
+    digests = []
+    for i, (chunk, workers, sched) in enumerate([(8, 1, "threads"), (40, 2, "threads"), (1000, 2, "processes")]):
+        out = str(tmp_path / f"o{i}")
+        merge(config(family, method, random_seed=3), out, chunk_size=chunk, workers=workers, scheduler=sched)
+        digests.append(shard_bytes(out))
+    assert digests[0] == digests[1] == digests[2]
+
+
+def test_dare_seed_changes_result_and_draws_match_reference():
+    from cabs_stream.baseline_kernels import uniforms
+    got = uniforms(7, 1, 12345, 1000, 50)
+    assert np.array_equal(got, [uniform_ref(7, 1, 12345, 1000 + j) for j in range(50)])
+    assert not np.array_equal(got, uniforms(8, 1, 12345, 1000, 50))
+    big = uniforms(0, 0, 1, 0, 200_000)
+    assert abs(big.mean() - 0.5) < 0.005 and abs((big < 0.3).mean() - 0.3) < 0.005
+
+
+def test_mergekit_yaml_runs_unchanged(family, tmp_path):
+    doc = {"merge_method": "ties", "base_model": family["base"],
+           "models": [{"model": family["ft1"], "parameters": {"weight": 1.2, "density": 0.3}},
+                      {"model": family["ft2"], "parameters": {"weight": [{"filter": "layer.0", "value": 0.0},
+                                                                          {"value": 0.8}], "density": 0.5}}],
+           "parameters": {"normalize": True, "int8_mask": True}, "dtype": "bfloat16"}
+    path = tmp_path / "ties.yml"
+    path.write_text(yaml.safe_dump(doc))
+    with pytest.warns(UserWarning, match="int8_mask"):
+        cfg = load_config(str(path))
+    assert cfg.model_param("weight", 1, "layer.0.w") == 0.0 and cfg.model_param("weight", 1, "head.weight") == 0.8
+    merge(cfg, str(tmp_path / "out"))
+    doc["parameters"]["not_a_key"] = 1
+    path.write_text(yaml.safe_dump(doc))
+    from cabs_stream import ConfigError
+    with pytest.raises(ConfigError, match="unknown key 'not_a_key' in parameters"):
+        load_config(str(path))
