@@ -293,6 +293,8 @@ def load_config(path: str, **overrides: Any) -> MergeConfig:
         exclude=_strings(doc.get("exclude"), "exclude"))
     if kw["base"] is None:
         raise ConfigError(f"config {path} has no base_model")
+    extra = overrides.pop("params", None) or {}
+    kw["params"] = {**kw["params"], **extra}
     kw.update({k: v for k, v in overrides.items() if v is not None})
     if overrides.get("n") is not None or overrides.get("sparsity") is not None:
         kw["n" if overrides.get("sparsity") is not None else "sparsity"] = None

@@ -12,6 +12,7 @@ import click
 from cabs_stream import __version__
 from cabs_stream.config import build_config, load_config, parse_size
 from cabs_stream.errors import CabsError
+from cabs_stream.methods import METHODS
 from cabs_stream.pipeline import merge as run_merge
 
 
@@ -68,8 +69,8 @@ def main() -> None:
 @click.argument("config", required=False, type=click.Path(dir_okay=False))
 @click.argument("out_dir", required=False, type=click.Path(file_okay=False))
 @click.option("-o", "--output", "output", type=click.Path(file_okay=False), help="Output folder (instead of OUT_DIR).")
-@click.option("--method", type=click.Choice(["cabs", "task_arithmetic"]), default=None,
-              help="Merge method (default cabs, or the config's merge_method).")
+@click.option("--method", type=click.Choice(list(METHODS)), default=None,
+              help="Merge method (default cabs, or the config's merge_method). See the README's method table.")
 @click.option("--base", default=None, help="Base model: a Hugging Face folder or .safetensors file.")
 @click.option("--model", "models", multiple=True, help="A fine-tuned model (repeat for each).")
 @click.option("--weight", "weights", type=float, multiple=True,
@@ -83,11 +84,22 @@ def main() -> None:
               help="Model paths in the order they are pruned (repeat; default: listed order).")
 @click.option("--dtype", default=None, help="Output dtype: bfloat16, float16 or float32 (default: the base's).")
 @click.option("--tokenizer-source", default=None, help="Folder to copy tokenizer files from (default: the base).")
+@click.option("--density", type=float, default=None,
+              help="Fraction of each task vector kept (ties, dare_*, magnitude, random, breadcrumbs).")
+@click.option("--gamma", type=float, default=None, help="breadcrumbs: fraction of largest entries dropped (default 0.01).")
+@click.option("--scope", type=click.Choice(["tensor", "row", "global"]), default=None,
+              help="magnitude/ties threshold scope (default tensor).")
+@click.option("--random-seed", type=int, default=None, help="Seed of DARE/random pruning (default 0).")
+@click.option("--normalize/--no-normalize", default=None, help="Divide by the sum of weights (method default).")
+@click.option("--lambda", "lambda_", type=float, default=None, help="Global scale of the merged task vector (default 1).")
+@click.option("--exclude", multiple=True, metavar="PATTERN",
+              help="Keep tensors whose name contains PATTERN from the base (repeat), e.g. embed_tokens.")
 @click.option("--allow-missing", is_flag=True,
               help="A tensor missing from a fine-tuned model counts as an all-zero task vector.")
 @engine_options
 def merge_cmd(config, out_dir, output, method, base, models, weights, n, m, sparsity, overlap,
-              pruning_order, dtype, tokenizer_source, allow_missing, chunk_size, workers, memory,
+              pruning_order, dtype, tokenizer_source, density, gamma, scope, random_seed, normalize, lambda_,
+              exclude, allow_missing, chunk_size, workers, memory,
               scheduler, shard_size, overwrite, save_masks, allow_nonfinite, quiet) -> None:
     """Merge models into OUT_DIR, from a mergekit-style CONFIG.yml or from flags.
 
@@ -102,6 +114,9 @@ def merge_cmd(config, out_dir, output, method, base, models, weights, n, m, spar
         raise click.UsageError("give the output folder as OUT_DIR or with -o/--output")
     if output and out_dir:
         raise click.UsageError("give the output folder once, as OUT_DIR or with -o")
+    params = {"gamma": gamma, "scope": scope, "random_seed": random_seed, "normalize": normalize,
+              "lambda": lambda_, "density": density}
+    params = {k: v for k, v in params.items() if v is not None}
     try:
         if config:
             if base or models:
@@ -109,14 +124,16 @@ def merge_cmd(config, out_dir, output, method, base, models, weights, n, m, spar
             cfg = load_config(config, method=method, n=n, m=m, sparsity=sparsity, overlap=overlap,
                               dtype=dtype, tokenizer_source=tokenizer_source,
                               allow_missing=allow_missing or None,
-                              weights=list(weights) or None, pruning_order=list(pruning_order) or None)
+                              weights=list(weights) or None, pruning_order=list(pruning_order) or None,
+                              params=params or None, exclude=list(exclude) or None)
         else:
             if not base or not models:
                 raise click.UsageError("give a CONFIG file, or --base and at least one --model")
             cfg = build_config(method=method or "cabs", base=base, models=list(models), weights=list(weights),
                                n=n, m=m, sparsity=sparsity, overlap=overlap or "fill",
                                pruning_order=list(pruning_order), dtype=dtype,
-                               tokenizer_source=tokenizer_source, allow_missing=allow_missing)
+                               tokenizer_source=tokenizer_source, allow_missing=allow_missing,
+                               params=params, exclude=list(exclude))
         res = run_merge(cfg, target, chunk_size=chunk_size, workers=workers, memory=memory,
                         scheduler=scheduler, shard_size=shard_size, overwrite=overwrite,
                         save_masks=save_masks, allow_nonfinite=allow_nonfinite, quiet=quiet)
@@ -134,7 +151,7 @@ def print_summary(report: dict, out_dir: str) -> None:
     """A few lines a person can read: where, how dense, how much overlap, how fast."""
     k = len(report["models"])
     cfg = report["config"]
-    what = cfg["merge_method"] + (f" {cfg['n']}:{cfg['m']} ({cfg['overlap']})" if cfg["merge_method"] == "cabs" else "")
+    what = cfg["merge_method"] + (f" {cfg['n']}:{cfg['m']} ({cfg['overlap']})" if "n" in cfg else "")
     click.echo(f"merged {k} models into {out_dir} with {what}")
     for i, name in enumerate(report["models"]):
         over = [f"{o:.4f}" for o in report["overlap"][i] if o is not None]
