@@ -26,7 +26,7 @@ _TOP_KEYS = {"merge_method", "base_model", "models", "parameters", "dtype", "tok
 _MODEL_PARAM_KEYS = {"weight", "density", "gamma"}
 #: Shared parameters.
 _SHARED_KEYS = {"n", "m", "sparsity", "overlap", "pruning_order", "normalize", "lambda", "rescale",
-                "random_seed", "scope", "int8_mask"}
+                "random_seed", "scope", "int8_mask", "variant"}
 _PARAM_KEYS = _MODEL_PARAM_KEYS | _SHARED_KEYS
 _MODEL_KEYS = {"model", "parameters"}
 #: Accepted for compatibility with mergekit files; they change nothing here.
@@ -190,6 +190,11 @@ def build_config(*, method: str = "cabs", base: str, models: list[str] | list[Mo
     _check_values(shared.get("lambda"), "lambda")
     if "scope" in shared and shared["scope"] not in SCOPES:
         raise ConfigError(f"scope must be one of {', '.join(SCOPES)}, got {shared['scope']!r}")
+    if "variant" in shared:
+        if method != "cabs" or shared["variant"] not in ("paper", "published-2024"):
+            raise ConfigError(f"variant must be 'paper' or 'published-2024' (cabs only), got {shared['variant']!r}")
+        if shared["variant"] == "published-2024" and len(specs) != 2:
+            raise ConfigError("variant published-2024 merges exactly two models, as the published scripts did")
     if "random_seed" in shared:
         _int(shared["random_seed"], "random_seed")
     for key in ("normalize", "rescale"):

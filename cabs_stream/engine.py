@@ -25,6 +25,7 @@ from . import stats as chunk_stats
 from .dtypes import FLOAT_CODES, ITEMSIZE, numpy_float
 from .errors import CheckpointError, OutputError
 from .plan import Plan
+from .published import published_2024
 from .selection import TensorSelection, tensor_selection
 
 SCHEDULERS = ("threads", "processes", "synchronous")
@@ -52,7 +53,8 @@ class Job:
     @property
     def fused(self) -> bool:
         """CABS and task arithmetic run in the fused kernel (kernels.merge_chunk)."""
-        return self.plan.config.method in ("cabs", "task_arithmetic")
+        cfg = self.plan.config
+        return cfg.method in ("cabs", "task_arithmetic") and cfg.shared.get("variant") != "published-2024"
 
 
 # Per-process caches: the job (loaded once from its pickle), output fds, scratch buffers.
@@ -119,7 +121,18 @@ def _baseline(job: Job, index: int, t, ch, base, fts, codes, out, masks, stats) 
     b = _scratch("b", (ch.count,), np.float32)
     vals = _scratch("vals", (k, ch.count), np.float32)
     keep = _scratch("keep", (k, ch.count), np.uint8)
-    BK.decode_chunk(base, FLOAT_CODES[t.base.dtype], fts, codes, ch.count, b, vals, spec.linear)
+    published = cfg.method == "cabs"  # variant published-2024 (fp16 arithmetic, its own rules)
+    BK.decode_chunk(base, FLOAT_CODES[t.base.dtype], fts, codes, ch.count, b, vals, spec.linear or published)
+    if published:
+        res, kept = published_2024(b, vals, sel.weight, cfg.n, cfg.m, cfg.order)
+        kernels.encode(res, FLOAT_CODES[t.out_dtype], out)
+        masks[:] = np.packbits(kept, axis=1, bitorder="little")
+        nz = vals.astype(np.float16) != b.astype(np.float16)
+        stats[:k] = kept.sum(axis=1)
+        stats[k:2 * k] = nz.sum(axis=1)
+        stats[2 * k:3 * k] = (~np.isfinite(vals)).sum(axis=1)
+        stats[3 * k + 1] = (kept[0] & kept[1]).sum()
+        return
     seed = int(cfg.shared_param("random_seed", t.name, 0))
     cols = t.shape[-1] if len(t.shape) >= 2 else t.numel
     thr = job.thr[index] if job.thr is not None else np.full((k, 2), 0xFFFFFFFF, np.uint32)

@@ -140,3 +140,33 @@ def test_mergekit_yaml_runs_unchanged(family, tmp_path):
     from cabs_stream import ConfigError
     with pytest.raises(ConfigError, match="unknown key 'not_a_key' in parameters"):
         load_config(str(path))
+
+
+def test_published_2024_rules_by_hand():
+    from cabs_stream.published import published_2024
+    m, n = 4, 3  # n >= m/2: rule 5 (complement plus top m//2 inside the first mask)
+    base = np.zeros(10, np.float32)
+    t1 = np.array([4, 3, 0, 1, 5, 0, 0, 0, 9, 9], np.float32)  # second group: zeros claimed by topk
+    t2 = np.array([1, 2, 3, 4, 1, 1, 1, 1, 9, 9], np.float32)
+    res, keep = published_2024(base, np.stack([t1, t2]), np.array([1.0, 1.0], np.float32), n, m, (0, 1))
+    assert keep[0].tolist() == [1, 1, 0, 1, 1, 1, 1, 0, 0, 0]  # ties to the lower index; zeros claimed
+    # model 2: complement {2} and {7}, plus its top 2 inside mask 1: {3, 1} and {4, 5}
+    assert keep[1].tolist() == [0, 1, 1, 1, 1, 1, 0, 1, 0, 0]
+    assert res[8:].tolist() == [0, 0]  # incomplete tail group: nothing selected
+    assert res[:4].tolist() == [4, 5, 3, 5]  # fp16 sums
+    # n < m/2: the second model takes its top n outside the first mask
+    _, keep = published_2024(base[:4], np.stack([t1[:4], t2[:4]]), np.ones(2, np.float32), 1, 4, (1, 0))
+    assert keep[1].tolist() == [0, 0, 0, 1] and keep[0].tolist() == [1, 0, 0, 0]
+
+
+def test_published_2024_runs_end_to_end(family, tmp_path):
+    from cabs_stream import ConfigError
+    models = [family["ft1"], family["ft2"]]
+    cfg = build_config(base=family["base"], models=models, weights=[1.2, 1.2], n=3, m=8,
+                       params={"variant": "published-2024"})
+    rep = merge(cfg, str(tmp_path / "out"), chunk_size=16).report
+    assert rep["config"]["parameters"]["variant"] == "published-2024"
+    assert merge(cfg, str(tmp_path / "out2"), chunk_size=1000).report["kept"] == rep["kept"]
+    assert shard_bytes(str(tmp_path / "out")) == shard_bytes(str(tmp_path / "out2"))
+    with pytest.raises(ConfigError, match="exactly two models"):
+        build_config(base=family["base"], models=models + [family["ft3"]], params={"variant": "published-2024"})
