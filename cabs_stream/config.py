@@ -26,7 +26,7 @@ _TOP_KEYS = {"merge_method", "base_model", "models", "parameters", "dtype", "tok
 _MODEL_PARAM_KEYS = {"weight", "density", "gamma"}
 #: Shared parameters.
 _SHARED_KEYS = {"n", "m", "sparsity", "overlap", "pruning_order", "normalize", "lambda", "rescale",
-                "random_seed", "scope", "int8_mask", "variant"}
+                "random_seed", "scope", "int8_mask", "variant", "selection"}
 _PARAM_KEYS = _MODEL_PARAM_KEYS | _SHARED_KEYS
 _MODEL_KEYS = {"model", "parameters"}
 #: Accepted for compatibility with mergekit files; they change nothing here.
@@ -126,7 +126,7 @@ class MergeConfig:
             "tokenizer_source": self.tokenizer_source,
             "allow_missing": self.allow_missing,
         }
-        if self.spec.selection in ("nm_ca", "nm"):
+        if self.spec.selection in ("nm_ca", "nm", "ca"):
             d.update(n=self.n, m=self.m, density=self.n / self.m, overlap=self.overlap,
                      pruning_order=[self.models[i].path for i in self.order])
         return d
@@ -195,6 +195,8 @@ def build_config(*, method: str = "cabs", base: str, models: list[str] | list[Mo
             raise ConfigError(f"variant must be 'paper' or 'published-2024' (cabs only), got {shared['variant']!r}")
         if shared["variant"] == "published-2024" and len(specs) != 2:
             raise ConfigError("variant published-2024 merges exactly two models, as the published scripts did")
+    if shared.get("selection", "magnitude") not in ("magnitude", "random"):
+        raise ConfigError(f"selection must be 'magnitude' or 'random', got {shared['selection']!r}")
     if "random_seed" in shared:
         _int(shared["random_seed"], "random_seed")
     for key in ("normalize", "rescale"):

@@ -137,7 +137,12 @@ def _baseline(job: Job, index: int, t, ch, base, fts, codes, out, masks, stats) 
     cols = t.shape[-1] if len(t.shape) >= 2 else t.numel
     thr = job.thr[index] if job.thr is not None else np.full((k, 2), 0xFFFFFFFF, np.uint32)
     bud = job.bud[index] if job.bud is not None else np.zeros((k, 2), np.int64)
-    for i in range(k):
+    ca = spec.selection == "ca"
+    used = np.zeros(ch.count, bool) if ca else None
+    svals = vals.copy() if ca else vals  # what selection sees
+    for i in (cfg.order if ca else range(k)):
+        if ca:  # conflict-aware: positions kept by earlier task vectors are not available
+            svals[i][used] = 0
         if sel.mode == BK.SEL_MASK:  # n:m of this task vector alone, by the CABS kernel with k = 1
             one = _scratch("one", (-(-ch.count // 8),), np.uint8)
             one[:] = 0
@@ -147,8 +152,10 @@ def _baseline(job: Job, index: int, t, ch, base, fts, codes, out, masks, stats) 
                                 _scratch("tmp", (2 * ch.count,), np.uint16), 2, one.reshape(1, -1),
                                 np.zeros(chunk_stats.kernel_width(1), np.int64))
             keep[i] = np.unpackbits(one, bitorder="little")[:ch.count]
-        BK.select(vals, i, ch.count, sel.mode, thr[i, 0], bud[i, 0], thr[i, 1], bud[i, 1], cols,
+        BK.select(svals, i, ch.count, sel.mode, thr[i, 0], bud[i, 0], thr[i, 1], bud[i, 1], cols,
                   sel.row_k[i], sel.density[i], seed, i, sel.tensor_key, ch.start, keep)
+        if ca:
+            used |= keep[i].astype(bool)
     normalize = bool(cfg.shared_param("normalize", t.name, spec.normalize))
     lam = np.float32(cfg.shared_param("lambda", t.name, 1.0))
     BK.combine(b, vals, keep, sel.weight, sel.scale, spec.consensus, normalize, lam, spec.linear, ch.count,

@@ -16,6 +16,7 @@ NM = "nm"  # n:m per group, each task vector alone (BS without CA)
 MAGNITUDE = "magnitude"  # top density by |tau|, per tensor / row / whole model
 RANDOM = "random"  # keep with probability density (counter-based, reproducible)
 OUTLIERS = "outliers"  # breadcrumbs: drop the top gamma, keep the next density by |tau|
+CA = "ca"  # conflict-aware only: magnitude or random at each model's density, excluding used positions
 
 
 @dataclass(frozen=True)
@@ -42,4 +43,5 @@ METHODS = {m.name: m for m in [
     Method("breadcrumbs", OUTLIERS, doc="drop the largest gamma and the smallest, keep density"),
     Method("breadcrumbs_ties", OUTLIERS, consensus=True, doc="breadcrumbs pruning with TIES sign election"),
     Method("bs_only", NM, doc="ablation: n:m on each task vector, no conflict awareness"),
+    Method("ca_only", CA, doc="ablation: conflict-aware magnitude or random selection per tensor, no n:m"),
 ]}

@@ -102,7 +102,8 @@ def find_thresholds(job: Job, workers: int, scheduler: str) -> tuple[np.ndarray 
     else:
         groups = [by_tensor[t] for t in top]
         ranks = [job.sel[t].ranks for t in top]
-    return thresholds(plan, groups, ranks, lambda fn, args: run_map(fn, args, workers, scheduler))
+    ca = cfg.order if cfg.spec.selection == "ca" else None
+    return thresholds(plan, groups, ranks, lambda fn, args: run_map(fn, args, workers, scheduler), ca_order=ca)
 
 
 def merge(config: MergeConfig | str, out_dir: str, *, chunk_size: int | None = None,

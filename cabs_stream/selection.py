@@ -26,7 +26,7 @@ from . import baseline_kernels as BK
 from . import checkpoint
 from .config import MergeConfig
 from .dtypes import FLOAT_CODES
-from .methods import MAGNITUDE, NM, OUTLIERS, RANDOM
+from .methods import CA, MAGNITUDE, NM, OUTLIERS, RANDOM
 from .plan import Plan, TensorJob
 
 NONE_KEPT = np.uint32(0xFFFFFFFF)  # threshold that keeps nothing (with budget 0)
@@ -70,6 +70,17 @@ def tensor_selection(cfg: MergeConfig, t: TensorJob) -> TensorSelection:
             ranks.append((top + target, top) if d < 1 else (n, 0))
     elif spec.selection == RANDOM:
         mode = BK.SEL_RANDOM
+    elif spec.selection == CA:
+        if cfg.shared_param("selection", t.name, "magnitude") == "magnitude":
+            mode = BK.SEL_TOP
+            ranks = [(_top_count(d, n), -1) for d in density]
+        else:  # random among the free positions, at the rate that keeps each model's density
+            mode = BK.SEL_RANDOM
+            taken = 0.0
+            for i in cfg.order:
+                d = density[i]
+                density[i] = min(1.0, d / (1.0 - taken)) if taken < 1 else 0.0
+                taken += d
     elif spec.selection == NM:
         mode = BK.SEL_MASK
     else:
@@ -88,8 +99,21 @@ def _top_count(density: float, n: int) -> int:
 
 
 # ------------------------------------------------------------------ streaming threshold passes
-def _chunk_keys(plan: Plan, index: int) -> np.ndarray:
-    """|tau| bits (k, count) of one chunk."""
+def exclude_prior(taus: np.ndarray, done: list[int], thr: np.ndarray, bud: np.ndarray, count: int) -> np.ndarray:
+    """CA over thresholds: zero each task vector where earlier ones (``done``, in pruning order,
+    selected by their thresholds) kept; returns the used positions."""
+    used = np.zeros(count, bool)
+    keep = np.zeros((taus.shape[0], count), np.uint8)
+    for i in done:
+        taus[i][used] = 0
+        BK.select(taus, i, count, BK.SEL_TOP, thr[i, 0], bud[i, 0], thr[i, 1], bud[i, 1], 1, 0, 1.0, 0, i, 0, 0, keep)
+        used |= keep[i].astype(bool)
+    return used
+
+
+def _chunk_keys(plan: Plan, index: int, prior=None) -> np.ndarray:
+    """|tau| bits (k, count) of one chunk (with ``prior`` = (thr, bud, done): zero where the
+    models in ``done`` keep, for CA)."""
     ch = plan.chunks[index]
     t = plan.tensors[ch.tensor]
     k = len(t.fts)
@@ -101,16 +125,20 @@ def _chunk_keys(plan: Plan, index: int) -> np.ndarray:
                     ch.count, b, taus, False)
     for info in (t.base, *t.fts):
         checkpoint.release(info, ch.start, ch.count)
+    if prior is not None:
+        thr, bud, done = prior
+        used = exclude_prior(taus, done, thr[index], bud[index], ch.count)
+        taus[:, used] = 0
     return taus.view(np.uint32) & np.uint32(0x7FFFFFFF)
 
 
-def hist_pass(plan: Plan, chunks: list[int], bins: np.ndarray | None) -> np.ndarray:
+def hist_pass(plan: Plan, chunks: list[int], bins: np.ndarray | None, prior=None) -> np.ndarray:
     """Pass 1 (bins is None): (k, 32768) counts of the top 16 bits of non-zero keys.
     Pass 2: (k, targets, 65536) counts of the low 16 bits of keys whose top bits equal bins[i, r]."""
     k = len(plan.config.models)
     out = np.zeros((k, 32768) if bins is None else (k, bins.shape[1], 65536), np.int64)
     for c in chunks:
-        keys = _chunk_keys(plan, c)
+        keys = _chunk_keys(plan, c, prior)
         for i in range(k):
             nz = keys[i][keys[i] != 0]
             if bins is None:
@@ -123,12 +151,12 @@ def hist_pass(plan: Plan, chunks: list[int], bins: np.ndarray | None) -> np.ndar
     return out
 
 
-def eq_pass(plan: Plan, chunks: list[int], thr: np.ndarray) -> np.ndarray:
+def eq_pass(plan: Plan, chunks: list[int], thr: np.ndarray, prior=None) -> np.ndarray:
     """Pass 3: (len(chunks), k, targets) counts of keys equal to thr[i, r]."""
     k = len(plan.config.models)
     out = np.zeros((len(chunks), k, thr.shape[1]), np.int64)
     for n, c in enumerate(chunks):
-        keys = _chunk_keys(plan, c)
+        keys = _chunk_keys(plan, c, prior)
         for i in range(k):
             for r in range(thr.shape[1]):
                 out[n, i, r] = np.count_nonzero(keys[i] == thr[i, r])
@@ -142,8 +170,24 @@ def _locate(hist: np.ndarray, K: int) -> tuple[int, int]:
     return len(hist) - 1 - idx, int(cum[idx - 1]) if idx > 0 else 0
 
 
-def thresholds(plan: Plan, groups: list[list[int]], ranks: list[list[tuple[int, int]]], run) -> \
-        tuple[np.ndarray, np.ndarray]:
+def thresholds(plan: Plan, groups: list[list[int]], ranks: list[list[tuple[int, int]]], run,
+               ca_order: tuple[int, ...] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Thresholds for all models at once, or with ``ca_order`` one model after another, each
+    over the positions the earlier ones did not keep (conflict-aware magnitude selection)."""
+    if ca_order is None:
+        return _thresholds(plan, groups, ranks, run)
+    k = len(plan.config.models)
+    thr = np.full((len(plan.chunks), k, 2), NONE_KEPT, np.uint32)
+    bud = np.zeros((len(plan.chunks), k, 2), np.int64)
+    for p, i in enumerate(ca_order):
+        only = [[r if j == i else (-1, -1) for j, r in enumerate(g)] for g in ranks]
+        t_i, b_i = _thresholds(plan, groups, only, run, prior=(thr, bud, list(ca_order[:p])))
+        thr[:, i], bud[:, i] = t_i[:, i], b_i[:, i]
+    return thr, bud
+
+
+def _thresholds(plan: Plan, groups: list[list[int]], ranks: list[list[tuple[int, int]]], run,
+                prior=None) -> tuple[np.ndarray, np.ndarray]:
     """Thresholds (n_chunks, k, 2) and budgets for every chunk of each group of chunks.
 
     ``groups`` are lists of chunk indices sharing one threshold (a tensor, or the whole model),
@@ -152,7 +196,7 @@ def thresholds(plan: Plan, groups: list[list[int]], ranks: list[list[tuple[int, 
     k = len(plan.config.models)
     thr = np.full((len(plan.chunks), k, 2), NONE_KEPT, np.uint32)
     bud = np.zeros((len(plan.chunks), k, 2), np.int64)
-    h1 = run(hist_pass, [(plan, g, None) for g in groups])
+    h1 = run(hist_pass, [(plan, g, None, prior) for g in groups])
     bins = np.full((len(groups), k, 2), -1, np.int64)
     above = np.zeros((len(groups), k, 2), np.int64)
     targets = np.zeros((len(groups), k, 2), np.int64)
@@ -168,7 +212,7 @@ def thresholds(plan: Plan, groups: list[list[int]], ranks: list[list[tuple[int, 
                     keep_all[gi, i, r] = True
                 elif K > 0:
                     bins[gi, i, r], above[gi, i, r] = _locate(hist[i], K)
-    h2 = run(hist_pass, [(plan, g, bins[gi]) for gi, g in enumerate(groups)])
+    h2 = run(hist_pass, [(plan, g, bins[gi], prior) for gi, g in enumerate(groups)])
     value = np.full((len(groups), k, 2), NONE_KEPT, np.uint32)
     budget = np.zeros((len(groups), k, 2), np.int64)
     need_eq = []
@@ -184,7 +228,7 @@ def thresholds(plan: Plan, groups: list[list[int]], ranks: list[list[tuple[int, 
                     if budget[gi, i, r] < hist[i, r, lo]:
                         need_eq.append(gi)
     need = sorted(set(need_eq))
-    eq = dict(zip(need, run(eq_pass, [(plan, groups[gi], value[gi]) for gi in need])))
+    eq = dict(zip(need, run(eq_pass, [(plan, groups[gi], value[gi], prior) for gi in need])))
     for gi, g in enumerate(groups):
         left = budget[gi].copy()
         for n, c in enumerate(g):

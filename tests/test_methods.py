@@ -170,3 +170,40 @@ def test_published_2024_runs_end_to_end(family, tmp_path):
     assert shard_bytes(str(tmp_path / "out")) == shard_bytes(str(tmp_path / "out2"))
     with pytest.raises(ConfigError, match="exactly two models"):
         build_config(base=family["base"], models=models + [family["ft3"]], params={"variant": "published-2024"})
+
+
+@pytest.mark.parametrize("selection", ["magnitude", "random"])
+def test_ca_only_equals_reference(family, tmp_path, selection):
+    order = [2, 0, 1]
+    cfg = build_config(method="ca_only", base=family["base"],
+                       models=[__import__("cabs_stream").ModelSpec(family[x], weight=w, density=d)
+                               for x, w, d in zip(MODELS, W, D)],
+                       pruning_order=[family[MODELS[i]] for i in order],
+                       params={"selection": selection, "random_seed": 9})
+    out = str(tmp_path / "out")
+    rep = merge(cfg, out, chunk_size=16).report
+    base = load_model(family["base"])
+    fts = [load_model(family[x]) for x in MODELS]
+    exp = {}
+    for name, b in base.items():
+        if not b.is_floating_point():
+            exp[name] = b.numpy()
+            continue
+        bf = as_f32(b)
+        tv = [as_f32(f[name]) - bf for f in fts]
+        used = np.zeros(bf.size, bool)
+        keeps = [None] * 3
+        taken = 0.0
+        for i in order:
+            t = np.where(used, 0, tv[i]).astype(np.float32)
+            if selection == "magnitude":
+                keeps[i] = select_ref(t, "magnitude", density=D[i])
+            else:
+                p = min(1.0, D[i] / (1 - taken)) if taken < 1 else 0.0
+                taken += D[i]
+                keeps[i] = select_ref(t, "random", density=p, seed=9, model=i, tensor_key=zlib.crc32(name.encode()))
+            used |= keeps[i]
+        res = combine_methods_ref(bf, tv, keeps, W, [1, 1, 1])
+        exp[name] = decode_ref(encode_ref(res, "BF16"), "BF16").reshape(tuple(b.shape))
+    assert_matches(out, exp)
+    assert all(o is None or o == 0 for row in rep["overlap"] for o in row)
