@@ -43,6 +43,7 @@ class Job:
     sel: list[TensorSelection | None]  # per tensor (None for copied tensors)
     thr: np.ndarray | None = None  # (n_chunks, k, 2) thresholds of SEL_TOP / SEL_BAND
     bud: np.ndarray | None = None  # (n_chunks, k, 2) tie budgets
+    dry: bool = False  # statistics (and masks) only: nothing is written to output shards
 
     @classmethod
     def create(cls, plan: Plan, shard_paths: list[str], state_path: str, save_masks: bool,
@@ -193,9 +194,10 @@ def run_chunk(job_path: str, index: int) -> np.ndarray:
         raise CheckpointError(f"task vector has {int(bad[i])} NaN/Inf values in elements "
                               f"[{ch.start}, {ch.start + ch.count}); pass --allow-nonfinite to merge anyway",
                               model=cfg.models[i].path, file=t.fts[i].file, tensor=t.name)
-    shard_path = job.shard_paths[t.shard]
-    _pwrite_all(_fd(shard_path), memoryview(out).cast("B"),
-                t.out_start + ch.start * ITEMSIZE[t.out_dtype], shard_path)
+    if not job.dry:
+        shard_path = job.shard_paths[t.shard]
+        _pwrite_all(_fd(shard_path), memoryview(out).cast("B"),
+                    t.out_start + ch.start * ITEMSIZE[t.out_dtype], shard_path)
     g = state.group(job.state_path)
     if job.save_masks:
         g["masks"][t.name][:, ch.start // 8: ch.start // 8 + masks.shape[1]] = masks
@@ -244,8 +246,9 @@ def execute(job: Job, job_path: str, todo: list[int], workers: int, scheduler: s
     with open(job_path, "wb") as f:
         pickle.dump(job, f)
     dsk: dict = {("chunk", i): (run_chunk, job_path, i) for i in todo}
-    dsk.update({("copy", t): (copy_tensor, job_path, t)
-                for t, tj in enumerate(job.plan.tensors) if not tj.merged})
+    if not job.dry:
+        dsk.update({("copy", t): (copy_tensor, job_path, t)
+                    for t, tj in enumerate(job.plan.tensors) if not tj.merged})
     keys = list(dsk)
     get = _get(scheduler)
     kwargs = {} if scheduler == "synchronous" else {"num_workers": workers}

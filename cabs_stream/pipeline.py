@@ -82,7 +82,17 @@ def summarize(plan: Plan, rows: dict[int, np.ndarray]) -> dict[str, Any]:
     for t, row in sorted(per_tensor.items()):
         tensors[plan.tensors[t].name] = stats.describe(row, k, plan.tensors[t].numel)
         total += row
-    return {**stats.describe(total, k, plan.merged_elements), "tensors": tensors}
+    overall = stats.describe(total, k, plan.merged_elements)
+    for key in ("cv_rows", "cv_groups"):  # rows differ in length between tensors: average per-tensor CVs
+        overall[key] = [_weighted([(d[key][i], d["numel"]) for d in tensors.values()]) for i in range(k)]
+    return {**overall, "tensors": tensors}
+
+
+def _weighted(pairs: list[tuple[float | None, int]]) -> float | None:
+    """numel-weighted mean of the defined values."""
+    pairs = [(v, w) for v, w in pairs if v is not None]
+    total = sum(w for _, w in pairs)
+    return sum(v * w for v, w in pairs) / total if total else None
 
 
 def find_thresholds(job: Job, workers: int, scheduler: str) -> tuple[np.ndarray | None, np.ndarray | None]:
@@ -106,26 +116,19 @@ def find_thresholds(job: Job, workers: int, scheduler: str) -> tuple[np.ndarray 
     return thresholds(plan, groups, ranks, lambda fn, args: run_map(fn, args, workers, scheduler), ca_order=ca)
 
 
-def merge(config: MergeConfig | str, out_dir: str, *, chunk_size: int | None = None,
-          workers: int | None = None, memory: int | str | None = None, scheduler: str = "threads",
-          shard_size: int | str = "5GB", overwrite: bool = False, save_masks: bool = False,
-          allow_nonfinite: bool = False, quiet: bool = True) -> MergeResult:
-    """Merge a base and fine-tuned models into a Hugging Face folder at ``out_dir``.
-
-    ``config`` is a ``MergeConfig`` (see ``build_config``) or the path of a YAML file. Every
-    input is validated before anything is written; the result appears under ``out_dir`` only
-    when complete. A rerun after an interruption resumes from the completed chunks.
-    """
+def run(cfg: MergeConfig, work: str, *, chunk_size: int | None = None, workers: int | None = None,
+        memory: int | str | None = None, scheduler: str = "threads", shard_size: int | str = "5GB",
+        save_masks: bool = False, allow_nonfinite: bool = False, quiet: bool = True,
+        dry: bool = False) -> tuple[Plan, dict[str, Any]]:
+    """Plan and run the chunk map in ``work`` (``work/model`` holds the output shards, or
+    nothing when ``dry``: only the statistics and, with ``save_masks``, the masks are kept).
+    Returns the plan and the report."""
     t0 = time.monotonic()
-    cfg = load_config(config) if isinstance(config, (str, os.PathLike)) else config
     if scheduler not in SCHEDULERS:
         raise ConfigError(f"unknown scheduler {scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
-    inputs = [cfg.base, *(s.path for s in cfg.models)] + ([cfg.tokenizer_source] if cfg.tokenizer_source else [])
-    writer.check_output(out_dir, inputs, overwrite)
     chunk, workers = engine_settings(len(cfg.models), chunk_size, workers,
                                      parse_size(memory) if memory is not None else None,
                                      fused=cfg.method in ("cabs", "task_arithmetic"))
-    work = writer.work_dir(out_dir)
     plan = make_plan(cfg, chunk, parse_size(shard_size), convert_dir=os.path.join(work, "converted"),
                      whole_rows=cfg.shared.get("scope") == "row")
 
@@ -134,15 +137,16 @@ def merge(config: MergeConfig | str, out_dir: str, *, chunk_size: int | None = N
     os.makedirs(work, exist_ok=True)
     masks = ({t.name: (t.numel, tensor_chunk_size(plan.chunk_size, cfg.m, t.shape)) for t in plan.tensors if t.merged}
              if save_masks else None)
-    g = state.create(state_path, fp, len(plan.chunks), len(cfg.models), masks)
+    g = state.create(state_path, fp + ("-dry" if dry else ""), len(plan.chunks), len(cfg.models), masks)
     state.forget(state_path)
     previous = g["stats"][:] if plan.chunks else np.zeros((0, 1), np.int64)
     resumed = int((previous[:, 0] >= 0).sum()) if len(plan.chunks) else 0
-    shard_paths = writer.preallocate(plan, model_dir, resume=resumed > 0)
+    shard_paths = [] if dry else writer.preallocate(plan, model_dir, resume=resumed > 0)
     t_plan = time.monotonic()
 
     todo = [i for i in range(len(plan.chunks)) if previous[i, 0] < 0]
     job = Job.create(plan, shard_paths, state_path, save_masks, allow_nonfinite)
+    job.dry = dry
     if todo:
         job.thr, job.bud = find_thresholds(job, workers, scheduler)
     t_thresholds = time.monotonic()
@@ -161,18 +165,37 @@ def merge(config: MergeConfig | str, out_dir: str, *, chunk_size: int | None = N
     t_merge = time.monotonic()
 
     report = summarize(plan, rows)
-    bytes_written = sum(s.size for s in plan.shards)
     report = {
         "tool": "cabs-stream", "version": __version__, "config": cfg.describe(),
         "models": [s.path for s in cfg.models], **report,
         "ignored_tensors": plan.ignored,
-        "bytes_read": plan.input_bytes(), "bytes_written": bytes_written,
+        "bytes_read": plan.input_bytes(), "bytes_written": 0 if dry else sum(s.size for s in plan.shards),
         "chunk_size": plan.chunk_size, "workers": workers, "scheduler": scheduler,
         "resumed_chunks": resumed,
         "seconds": {"plan": t_plan - t0, "thresholds": t_thresholds - t_plan, "merge": t_merge - t_thresholds,
                     "total": t_merge - t0},
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
     }
+    return plan, report
+
+
+def merge(config: MergeConfig | str, out_dir: str, *, chunk_size: int | None = None,
+          workers: int | None = None, memory: int | str | None = None, scheduler: str = "threads",
+          shard_size: int | str = "5GB", overwrite: bool = False, save_masks: bool = False,
+          allow_nonfinite: bool = False, quiet: bool = True) -> MergeResult:
+    """Merge a base and fine-tuned models into a Hugging Face folder at ``out_dir``.
+
+    ``config`` is a ``MergeConfig`` (see ``build_config``) or the path of a YAML file. Every
+    input is validated before anything is written; the result appears under ``out_dir`` only
+    when complete. A rerun after an interruption resumes from the completed chunks.
+    """
+    cfg = load_config(config) if isinstance(config, (str, os.PathLike)) else config
+    inputs = [cfg.base, *(s.path for s in cfg.models)] + ([cfg.tokenizer_source] if cfg.tokenizer_source else [])
+    writer.check_output(out_dir, inputs, overwrite)
+    work = writer.work_dir(out_dir)
+    plan, report = run(cfg, work, chunk_size=chunk_size, workers=workers, memory=memory, scheduler=scheduler,
+                       shard_size=shard_size, save_masks=save_masks, allow_nonfinite=allow_nonfinite, quiet=quiet)
+    model_dir = os.path.join(work, "model")
     manifest = {"tool": "cabs-stream", "version": __version__, **cfg.describe(),
                 "output_dtypes": sorted({t.out_dtype for t in plan.tensors}),
                 "shards": [s.name for s in plan.shards]}

@@ -166,6 +166,45 @@ def print_summary(report: dict, out_dir: str) -> None:
                f"{report['peak_rss_bytes'] / 2**20:.0f} MiB")
 
 
+@main.command("analyze")
+@click.argument("config", type=click.Path(dir_okay=False, exists=True))
+@click.option("-o", "--output", "out", type=click.Path(file_okay=False), default="cabs-analysis", show_default=True,
+              help="Folder for analysis.json and the plots.")
+@click.option("--method", "methods", multiple=True, default=("magnitude", "random", "cabs"), show_default=True,
+              help="Methods to compare (repeat): magnitude, random, cabs, bs_only, ca_only, ties, dare_ties.")
+@click.option("--sparsity", "sparsities", type=float, multiple=True, default=(0.5, 0.75, 0.9), show_default=True,
+              help="Sparsities to evaluate (repeat).")
+@click.option("--tensor", default=None, help="Tensor shown in the density heatmap (default: the largest 2-D one).")
+@click.option("--no-plots", is_flag=True, help="Only write analysis.json (no matplotlib needed).")
+@click.option("--chunk-size", type=int, default=None, metavar="ELEMENTS", help="Elements per chunk.")
+@click.option("--workers", type=int, default=None, metavar="N", help="Chunks processed in parallel.")
+@click.option("--memory", default=None, metavar="SIZE", callback=_size, help="Memory budget, e.g. 1GiB.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress output and no summary.")
+def analyze_cmd(config, out, methods, sparsities, tensor, no_plots, chunk_size, workers, memory, quiet) -> None:
+    """Compare what methods keep (overlap, balance, per-layer density) without writing a model.
+
+    CONFIG gives the base and fine-tuned models (its merge_method is ignored); every method is
+    run at every sparsity on the streaming engine and the results go to OUTPUT/analysis.json
+    with the plots overlap_vs_sparsity.png, density_heatmap.png and per_layer_kept.png.
+    """
+    from cabs_stream.analyze import analyze
+
+    try:
+        res = analyze(load_config(config), out, list(methods), list(sparsities), tensor=tensor,
+                      plots=not no_plots, chunk_size=chunk_size, workers=workers, memory=memory, quiet=quiet)
+    except CabsError as e:
+        _fail(e)
+    if not quiet:
+        click.echo(f"{'method':<12} {'sparsity':>8} {'density':>8} {'overlap':>8} {'CV rows':>8} {'CV groups':>9}")
+        for p in res["points"]:
+            ov = p["overlap"][0][1] if len(p["overlap"]) > 1 else None
+            f = lambda x: "-" if x is None else f"{x:.4f}"  # noqa: E731
+            click.echo(f"{p['method']:<12} {p['sparsity']:>8} {f(p['density'][0]):>8} {f(ov):>8} "
+                       f"{f(p['cv_rows'][0]):>8} {f(p['cv_groups'][0]):>9}")
+        click.echo(f"wrote {os.path.join(out, 'analysis.json')}" +
+                   "".join(f"\nwrote {p}" for p in res.get("plots", [])))
+
+
 @main.command("demo")
 @click.option("--out", "out", type=click.Path(file_okay=False), default=None,
               help="Where to put the demo family and merge (default: a new temporary folder).")
