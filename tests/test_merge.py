@@ -166,3 +166,25 @@ def test_report_overlap_and_balance_by_hand(tmp_path_factory):
     assert rep["cv_rows"][0] == pytest.approx(0.6) and rep["cv_rows"][1] == pytest.approx(0.0)
     # groups: a 2,2,0,1 -> mean 1.25, var 0.6875; b 2,0,0,2 -> mean 1, std 1
     assert rep["cv_groups"][0] == pytest.approx(0.6875 ** 0.5 / 1.25) and rep["cv_groups"][1] == pytest.approx(1.0)
+
+
+def test_progress_lines_when_not_a_terminal(family, tmp_path):
+    import io
+
+    from cabs_stream.progress import MergeProgress
+    stream = io.StringIO()
+    cfg = build_config(base=family["base"], models=[family["ft1"], family["ft2"]], n=3, m=8)
+    from cabs_stream import pipeline
+    orig = pipeline.MergeProgress
+    pipeline.MergeProgress = lambda sizes, total, quiet: MergeProgress(sizes, total, quiet=quiet, interval=0.0,
+                                                                      stream=stream)
+    try:
+        merge(cfg, str(tmp_path / "out"), chunk_size=8, quiet=False)
+        merge(cfg, str(tmp_path / "quiet"), chunk_size=8, quiet=True)
+    finally:
+        pipeline.MergeProgress = orig
+    lines = stream.getvalue().splitlines()
+    assert len(lines) > 5 and all(line.startswith("cabs-stream: ") and "GB/s, ETA" in line for line in lines)
+    assert lines[-1].startswith("cabs-stream: 100.0%")
+    n_loud = len(lines)
+    assert len(stream.getvalue().splitlines()) == n_loud  # the quiet run printed nothing
