@@ -155,6 +155,16 @@ def read_words(info: TensorInfo, start: int, count: int, dtype: np.dtype) -> np.
     return arr
 
 
+def prefetch(info: TensorInfo, start: int, count: int) -> None:
+    """Ask the kernel to start reading a chunk's pages now (asynchronous readahead)."""
+    a, b = byte_range(info, start, count)
+    a -= a % _PAGE
+    mm = _map(info.file)
+    b = min(b, len(mm))
+    if b > a:
+        mm.madvise(mmap.MADV_WILLNEED, a, b - a)
+
+
 def release(info: TensorInfo, start: int, count: int) -> None:
     """Drop the mapped pages of a chunk from this process (the page cache keeps them)."""
     a, b = byte_range(info, start, count)

@@ -174,6 +174,10 @@ def run_chunk(job_path: str, index: int) -> np.ndarray:
     base = checkpoint.read_words(t.base, ch.start, ch.count, np.dtype(np.uint16))
     fts = tuple(checkpoint.read_words(f, ch.start, ch.count, np.dtype(np.uint16)) for f in t.fts)
     codes = np.array([FLOAT_CODES[f.dtype] for f in t.fts], np.int64)
+    if index + 1 < len(plan.chunks):  # overlap I/O with compute: start reading the next chunk
+        nxt = plan.chunks[index + 1]
+        for info in (plan.tensors[nxt.tensor].base, *plan.tensors[nxt.tensor].fts):
+            checkpoint.prefetch(info, nxt.start, nxt.count)
     out = _scratch("out", (ch.count * ITEMSIZE[t.out_dtype] // 2,), np.uint16)
     masks = _scratch("masks", (k, -(-ch.count // 8)), np.uint8)
     masks[:] = 0

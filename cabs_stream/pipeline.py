@@ -162,6 +162,8 @@ def run(cfg: MergeConfig, work: str, *, chunk_size: int | None = None, workers: 
     for i in range(len(plan.chunks)):
         if i not in rows:
             rows[i] = previous[i]
+    if not dry:
+        writer.flush(model_dir)  # the output is on disk before the report's timings are taken
     t_merge = time.monotonic()
 
     report = summarize(plan, rows)

@@ -87,13 +87,7 @@ def finish(plan: Plan, model_dir: str, out_dir: str, extra_json: dict[str, objec
     for name, obj in extra_json.items():
         _write_json(os.path.join(model_dir, name), obj)
 
-    for name in os.listdir(model_dir):
-        fd = os.open(os.path.join(model_dir, name), os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
+    flush(model_dir)
     out_dir = os.path.abspath(out_dir)
     old = None
     if os.path.exists(out_dir):
@@ -103,6 +97,16 @@ def finish(plan: Plan, model_dir: str, out_dir: str, extra_json: dict[str, objec
         os.rename(out_dir, old)
     os.rename(model_dir, out_dir)
     shutil.rmtree(os.path.dirname(model_dir), ignore_errors=True)
+
+
+def flush(model_dir: str) -> None:
+    """fsync every file of the output folder (the shards are the bulk: done before the report)."""
+    for name in os.listdir(model_dir):
+        fd = os.open(os.path.join(model_dir, name), os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def _write_json(path: str, obj: object) -> None:
