@@ -42,6 +42,30 @@ def abs_keys(taus, i, count, keys):
         keys[j] = np.float32(taus[i, j]).view(_U32) & _ABS
 
 
+@njit(nogil=True, cache=True)
+def hist_high(keys, hist):
+    """hist[key >> 16] += 1 for every non-zero key."""
+    for j in range(keys.shape[0]):
+        if keys[j] != 0:
+            hist[keys[j] >> 16] += 1
+
+
+@njit(nogil=True, cache=True)
+def hist_low(keys, high, hist):
+    """hist[key & 0xFFFF] += 1 for every non-zero key whose top 16 bits equal ``high``."""
+    for j in range(keys.shape[0]):
+        if keys[j] != 0 and (keys[j] >> 16) == high:
+            hist[keys[j] & 0xFFFF] += 1
+
+
+@njit(nogil=True, cache=True)
+def count_equal(keys, value):
+    c = 0
+    for j in range(keys.shape[0]):
+        c += keys[j] == value
+    return c
+
+
 @njit(inline="always")
 def _mix(z):
     """splitmix64 finalizer."""

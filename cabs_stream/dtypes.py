@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import numpy as np
-
 #: Float codes understood by the kernels (raw words are decoded inside the kernels).
 F32, BF16, F16 = 0, 1, 2
 
@@ -33,11 +31,6 @@ def is_mergeable(dtype: str) -> bool:
     return dtype in FLOAT_CODES
 
 
-def words_per_element(dtype: str) -> int:
-    """Number of 16-bit words per element of a float dtype (raw buffers are viewed as uint16)."""
-    return ITEMSIZE[dtype] // 2
-
-
 def parse_dtype(name: str) -> str:
     """Map a user spelling (``bfloat16``, ``fp16``, ``F32``...) to a safetensors float dtype."""
     key = name.strip()
@@ -47,8 +40,3 @@ def parse_dtype(name: str) -> str:
         return DTYPE_ALIASES[key.lower()]
     except KeyError:
         raise ValueError(f"unsupported output dtype {name!r}; use bfloat16, float16 or float32") from None
-
-
-def numpy_float(dtype: str) -> np.dtype:
-    """Numpy dtype of the raw words a float tensor is viewed as (float32 or uint16)."""
-    return np.dtype(np.float32) if dtype == "F32" else np.dtype(np.uint16)

@@ -22,7 +22,7 @@ import numpy as np
 from . import baseline_kernels as BK
 from . import checkpoint, kernels, state
 from . import stats as chunk_stats
-from .dtypes import FLOAT_CODES, ITEMSIZE, numpy_float
+from .dtypes import FLOAT_CODES, ITEMSIZE
 from .errors import CheckpointError, OutputError
 from .plan import Plan
 from .published import published_2024
@@ -114,6 +114,22 @@ def _fused(job: Job, t, ch, base, fts, codes, out, masks, stats) -> None:
                         cfg.overlap == "fill", out, FLOAT_CODES[t.out_dtype], masks, stats)
 
 
+def _published(job: Job, t, ch, base, fts, codes, out, masks, stats) -> None:
+    """cabs variant published-2024 (fp16 arithmetic and the scripts' rules, published.py)."""
+    cfg = job.plan.config
+    k = len(fts)
+    b = _scratch("b", (ch.count,), np.float32)
+    vals = _scratch("vals", (k, ch.count), np.float32)
+    BK.decode_chunk(base, FLOAT_CODES[t.base.dtype], fts, codes, ch.count, b, vals, True)
+    res, kept = published_2024(b, vals, job.sel[ch.tensor].weight, cfg.n, cfg.m, cfg.order)
+    kernels.encode(res, FLOAT_CODES[t.out_dtype], out)
+    masks[:] = np.packbits(kept, axis=1, bitorder="little")
+    stats[:k] = kept.sum(axis=1)
+    stats[k:2 * k] = (vals.astype(np.float16) != b.astype(np.float16)).sum(axis=1)
+    stats[2 * k:3 * k] = (~np.isfinite(vals)).sum(axis=1)
+    stats[3 * k + 1] = (kept[0] & kept[1]).sum()
+
+
 def _baseline(job: Job, index: int, t, ch, base, fts, codes, out, masks, stats) -> None:
     cfg = job.plan.config
     spec = cfg.spec
@@ -122,18 +138,7 @@ def _baseline(job: Job, index: int, t, ch, base, fts, codes, out, masks, stats) 
     b = _scratch("b", (ch.count,), np.float32)
     vals = _scratch("vals", (k, ch.count), np.float32)
     keep = _scratch("keep", (k, ch.count), np.uint8)
-    published = cfg.method == "cabs"  # variant published-2024 (fp16 arithmetic, its own rules)
-    BK.decode_chunk(base, FLOAT_CODES[t.base.dtype], fts, codes, ch.count, b, vals, spec.linear or published)
-    if published:
-        res, kept = published_2024(b, vals, sel.weight, cfg.n, cfg.m, cfg.order)
-        kernels.encode(res, FLOAT_CODES[t.out_dtype], out)
-        masks[:] = np.packbits(kept, axis=1, bitorder="little")
-        nz = vals.astype(np.float16) != b.astype(np.float16)
-        stats[:k] = kept.sum(axis=1)
-        stats[k:2 * k] = nz.sum(axis=1)
-        stats[2 * k:3 * k] = (~np.isfinite(vals)).sum(axis=1)
-        stats[3 * k + 1] = (kept[0] & kept[1]).sum()
-        return
+    BK.decode_chunk(base, FLOAT_CODES[t.base.dtype], fts, codes, ch.count, b, vals, spec.linear)
     seed = int(cfg.shared_param("random_seed", t.name, 0))
     cols = t.shape[-1] if len(t.shape) >= 2 else t.numel
     thr = job.thr[index] if job.thr is not None else np.full((k, 2), 0xFFFFFFFF, np.uint32)
@@ -185,6 +190,8 @@ def run_chunk(job_path: str, index: int) -> np.ndarray:
     kstats = stats[:chunk_stats.kernel_width(k)]
     if job.fused:
         _fused(job, t, ch, base, fts, codes, out, masks, kstats)
+    elif cfg.method == "cabs":
+        _published(job, t, ch, base, fts, codes, out, masks, kstats)
     else:
         _baseline(job, index, t, ch, base, fts, codes, out, masks, kstats)
     for info in (t.base, *t.fts):

@@ -27,7 +27,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from .dtypes import BF16, F16, F32
+from .dtypes import BF16, F16
 
 #: Selection modes of ``merge_chunk``.
 KEEP_ALL = 0  # task arithmetic: every non-zero entry of every task vector

@@ -132,35 +132,56 @@ def _chunk_keys(plan: Plan, index: int, prior=None) -> np.ndarray:
     return taus.view(np.uint32) & np.uint32(0x7FFFFFFF)
 
 
-def hist_pass(plan: Plan, chunks: list[int], bins: np.ndarray | None, prior=None) -> np.ndarray:
-    """Pass 1 (bins is None): (k, 32768) counts of the top 16 bits of non-zero keys.
-    Pass 2: (k, targets, 65536) counts of the low 16 bits of keys whose top bits equal bins[i, r]."""
+def group_thresholds(plan: Plan, chunks: list[int], ranks: list[tuple[int, int]], prior=None) \
+        -> tuple[np.ndarray, np.ndarray]:
+    """Thresholds and tie budgets (len(chunks), k, 2) of one group of chunks (a tensor, or the
+    whole model), for the rank targets ``ranks[i] = (K_lo, K_hi)`` of each model (-1: none).
+    Runs the three passes of the module docstring over the group's chunks, one chunk in memory."""
     k = len(plan.config.models)
-    out = np.zeros((k, 32768) if bins is None else (k, bins.shape[1], 65536), np.int64)
-    for c in chunks:
+    hi = np.zeros((k, 32768), np.int64)
+    for c in chunks:  # pass 1
         keys = _chunk_keys(plan, c, prior)
         for i in range(k):
-            nz = keys[i][keys[i] != 0]
-            if bins is None:
-                out[i] += np.bincount(nz >> 16, minlength=32768)
-            else:
-                for r in range(bins.shape[1]):
+            BK.hist_high(keys[i], hi[i])
+    value = np.full((k, 2), NONE_KEPT, np.uint32)
+    budget = np.zeros((k, 2), np.int64)
+    bins = np.full((k, 2), -1, np.int64)
+    above = np.zeros((k, 2), np.int64)
+    for i in range(k):
+        total = int(hi[i].sum())
+        for r, K in enumerate(ranks[i]):
+            if K >= total:
+                value[i, r] = 0  # every non-zero key is > 0: all kept
+            elif K > 0:
+                bins[i, r], above[i, r] = _locate(hi[i], K)
+    if (bins >= 0).any():
+        lo = np.zeros((k, 2, 65536), np.int64)
+        for c in chunks:  # pass 2
+            keys = _chunk_keys(plan, c, prior)
+            for i in range(k):
+                for r in range(2):
                     if bins[i, r] >= 0:
-                        sel = nz[(nz >> 16) == bins[i, r]]
-                        out[i, r] += np.bincount(sel & 0xFFFF, minlength=65536)
-    return out
-
-
-def eq_pass(plan: Plan, chunks: list[int], thr: np.ndarray, prior=None) -> np.ndarray:
-    """Pass 3: (len(chunks), k, targets) counts of keys equal to thr[i, r]."""
-    k = len(plan.config.models)
-    out = np.zeros((len(chunks), k, thr.shape[1]), np.int64)
-    for n, c in enumerate(chunks):
-        keys = _chunk_keys(plan, c, prior)
+                        BK.hist_low(keys[i], bins[i, r], lo[i, r])
+        need_eq = False
         for i in range(k):
-            for r in range(thr.shape[1]):
-                out[n, i, r] = np.count_nonzero(keys[i] == thr[i, r])
-    return out
+            for r in range(2):
+                if bins[i, r] >= 0:
+                    low, above_lo = _locate(lo[i, r], int(ranks[i][r] - above[i, r]))
+                    value[i, r] = np.uint32((int(bins[i, r]) << 16) | low)
+                    budget[i, r] = ranks[i][r] - above[i, r] - above_lo
+                    need_eq |= bool(budget[i, r] < lo[i, r, low])
+    thr = np.broadcast_to(value, (len(chunks), k, 2)).copy()
+    bud = np.broadcast_to(budget, (len(chunks), k, 2)).copy()
+    if (bins >= 0).any() and need_eq:  # pass 3: share the tie budget out in chunk order
+        left = budget.copy()
+        for n, c in enumerate(chunks):
+            keys = _chunk_keys(plan, c, prior)
+            for i in range(k):
+                for r in range(2):
+                    here = BK.count_equal(keys[i], value[i, r])
+                    bud[n, i, r] = min(max(left[i, r], 0), here)
+                    left[i, r] -= bud[n, i, r]
+    return thr, bud
 
 
 def _locate(hist: np.ndarray, K: int) -> tuple[int, int]:
@@ -172,71 +193,18 @@ def _locate(hist: np.ndarray, K: int) -> tuple[int, int]:
 
 def thresholds(plan: Plan, groups: list[list[int]], ranks: list[list[tuple[int, int]]], run,
                ca_order: tuple[int, ...] | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Thresholds for all models at once, or with ``ca_order`` one model after another, each
+    """Thresholds (n_chunks, k, 2) and tie budgets for every chunk of each group (in parallel
+    over groups with ``run(fn, args_list)``); with ``ca_order`` one model after another, each
     over the positions the earlier ones did not keep (conflict-aware magnitude selection)."""
-    if ca_order is None:
-        return _thresholds(plan, groups, ranks, run)
     k = len(plan.config.models)
     thr = np.full((len(plan.chunks), k, 2), NONE_KEPT, np.uint32)
     bud = np.zeros((len(plan.chunks), k, 2), np.int64)
-    for p, i in enumerate(ca_order):
-        only = [[r if j == i else (-1, -1) for j, r in enumerate(g)] for g in ranks]
-        t_i, b_i = _thresholds(plan, groups, only, run, prior=(thr, bud, list(ca_order[:p])))
-        thr[:, i], bud[:, i] = t_i[:, i], b_i[:, i]
-    return thr, bud
-
-
-def _thresholds(plan: Plan, groups: list[list[int]], ranks: list[list[tuple[int, int]]], run,
-                prior=None) -> tuple[np.ndarray, np.ndarray]:
-    """Thresholds (n_chunks, k, 2) and budgets for every chunk of each group of chunks.
-
-    ``groups`` are lists of chunk indices sharing one threshold (a tensor, or the whole model),
-    ``ranks[g][i]`` the (K_lo, K_hi) targets of model i in group g, and ``run(fn, args_list)``
-    maps a pass over the groups (in parallel)."""
-    k = len(plan.config.models)
-    thr = np.full((len(plan.chunks), k, 2), NONE_KEPT, np.uint32)
-    bud = np.zeros((len(plan.chunks), k, 2), np.int64)
-    h1 = run(hist_pass, [(plan, g, None, prior) for g in groups])
-    bins = np.full((len(groups), k, 2), -1, np.int64)
-    above = np.zeros((len(groups), k, 2), np.int64)
-    targets = np.zeros((len(groups), k, 2), np.int64)
-    keep_all = np.zeros((len(groups), k, 2), bool)
-    for gi, hist in enumerate(h1):
-        for i in range(k):
-            total = int(hist[i].sum())
-            for r, K in enumerate(ranks[gi][i]):
-                if K < 0:
-                    continue
-                targets[gi, i, r] = K
-                if K >= total:
-                    keep_all[gi, i, r] = True
-                elif K > 0:
-                    bins[gi, i, r], above[gi, i, r] = _locate(hist[i], K)
-    h2 = run(hist_pass, [(plan, g, bins[gi], prior) for gi, g in enumerate(groups)])
-    value = np.full((len(groups), k, 2), NONE_KEPT, np.uint32)
-    budget = np.zeros((len(groups), k, 2), np.int64)
-    need_eq = []
-    for gi, hist in enumerate(h2):
-        for i in range(k):
-            for r in range(2):
-                if keep_all[gi, i, r]:
-                    value[gi, i, r], budget[gi, i, r] = 0, 0  # every non-zero key is > 0
-                elif bins[gi, i, r] >= 0:
-                    lo, above_lo = _locate(hist[i, r], int(targets[gi, i, r] - above[gi, i, r]))
-                    value[gi, i, r] = np.uint32((int(bins[gi, i, r]) << 16) | lo)
-                    budget[gi, i, r] = targets[gi, i, r] - above[gi, i, r] - above_lo
-                    if budget[gi, i, r] < hist[i, r, lo]:
-                        need_eq.append(gi)
-    need = sorted(set(need_eq))
-    eq = dict(zip(need, run(eq_pass, [(plan, groups[gi], value[gi], prior) for gi in need])))
-    for gi, g in enumerate(groups):
-        left = budget[gi].copy()
-        for n, c in enumerate(g):
-            thr[c] = value[gi]
-            if gi in eq:
-                here = eq[gi][n]
-                bud[c] = np.clip(left, 0, here)
-                left = left - bud[c]
-            else:
-                bud[c] = budget[gi]  # all elements equal to T are kept (or none exist)
+    rounds = [(None, list(range(k)))] if ca_order is None else \
+        [(list(ca_order[:p]), [i]) for p, i in enumerate(ca_order)]
+    for done, models in rounds:
+        prior = None if done is None else (thr, bud, done)
+        args = [(plan, g, [r if i in models else (-1, -1) for i, r in enumerate(rk)], prior)
+                for g, rk in zip(groups, ranks)]
+        for g, (t_g, b_g) in zip(groups, run(group_thresholds, args)):
+            thr[np.ix_(g, models)], bud[np.ix_(g, models)] = t_g[:, models], b_g[:, models]
     return thr, bud

@@ -13,7 +13,6 @@ from __future__ import annotations
 import shutil
 import threading
 
-import numpy as np
 import zarr
 
 from .stats import width as stats_width
@@ -54,11 +53,6 @@ def group(path: str) -> zarr.Group:
         with _lock:
             g = _open.setdefault(path, zarr.open_group(path, mode="r+"))
     return g
-
-
-def completed(path: str) -> np.ndarray:
-    """Stats rows of all chunks (-1 rows for chunks not done)."""
-    return group(path)["stats"][:]
 
 
 def forget(path: str) -> None:
