@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mergekit-venv", default="/work/venv-mergekit")
     p.add_argument("--n", type=int, default=64)
     p.add_argument("--m", type=int, default=256)
-    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--workers", type=int, default=None, help="cabs-stream --workers (default: its own)")
     p.add_argument("--merge-arg", action="append", default=[], help="extra cabs-stream merge argument")
     p.add_argument("--code", default="snapshot",
                    help="cabs-stream engine: 'snapshot' (default), 'worktree' or a git revision (see run_bench.py)")

@@ -120,7 +120,7 @@ def merge_cmd(base: str, fts: list[str], out: str, method: str, args: argparse.N
     cmd = [*CLI, "merge", "--method", method, "--base", base]
     for f in fts:
         cmd += ["--model", f]
-    cmd += ["-o", out, "--workers", str(args.workers), "--quiet", "--overwrite"]
+    cmd += ["-o", out, "--quiet", "--overwrite"] + (["--workers", str(args.workers)] if args.workers else [])
     if method in ("cabs", "bs_only"):
         cmd += ["--n", str(args.n), "--m", str(args.m)]
     elif method not in ("task_arithmetic", "linear"):
@@ -246,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="density of the methods that take one (ties, dare_*, magnitude, ...; default 0.1)")
     p.add_argument("--n", type=int, default=64)
     p.add_argument("--m", type=int, default=256)
-    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--workers", type=int, default=None, help="cabs-stream --workers (default: its own)")
     p.add_argument("--repeat", type=int, default=1, help="measure floor and merges this many times")
     p.add_argument("--merge-arg", action="append", default=[], help="extra cabs-stream merge argument")
     p.add_argument("--data-root", default="/work/bench-data", help="where families and outputs go")

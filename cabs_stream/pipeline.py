@@ -40,7 +40,8 @@ def engine_settings(plan_k: int, chunk_size: int | None, workers: int | None,
     A chunk in flight holds its input pages (<= 4 bytes per element per model, base included),
     its output words (<= 4 bytes) and k mask bits per element.
     """
-    workers = workers or os.cpu_count() or 1
+    # Chunks wait on page faults as much as on the CPU: two per core keep the disk busy.
+    workers = workers or 2 * (os.cpu_count() or 1)
     if workers < 1:
         raise ConfigError(f"--workers must be at least 1, got {workers}")
     if chunk_size is not None:

@@ -37,7 +37,7 @@ def engine_options(f):
                      help="Elements per chunk, rounded up to a multiple of lcm(m, 8). "
                           "Default: derived from --memory, else 4194304."),
         click.option("--workers", type=int, default=None, metavar="N",
-                     help="Chunks processed in parallel. Default: number of CPUs."),
+                     help="Chunks processed in parallel. Default: twice the number of CPUs (I/O and compute overlap)."),
         click.option("--memory", default=None, metavar="SIZE", callback=_size,
                      help="Memory budget such as 1GiB or 800MB; sets the chunk size from the "
                           "worker count when --chunk-size is not given."),
