@@ -232,6 +232,7 @@ def demo_cmd(out, k, quiet) -> None:
     else:
         print_summary(res.report, res.out_dir)
         click.echo(f"report: {os.path.join(res.out_dir, 'cabs_report.json')}")
+        click.echo("(a first run includes the one-time Numba compilation of the kernels, cached afterwards)")
 
 
 if __name__ == "__main__":
