@@ -155,6 +155,19 @@ def read_words(info: TensorInfo, start: int, count: int, dtype: np.dtype) -> np.
     return arr
 
 
+def read_chunk(base: TensorInfo, fts: tuple[TensorInfo, ...], start: int, count: int) \
+        -> tuple[np.ndarray, tuple[np.ndarray, ...]]:
+    """Raw 16-bit words of elements [start, start + count) of the base and each fine-tuned tensor."""
+    words = np.dtype(np.uint16)
+    return read_words(base, start, count, words), tuple(read_words(f, start, count, words) for f in fts)
+
+
+def release_chunk(infos: tuple[TensorInfo, ...], start: int, count: int) -> None:
+    """``release`` for every input of a chunk."""
+    for info in infos:
+        release(info, start, count)
+
+
 def prefetch(info: TensorInfo, start: int, count: int) -> None:
     """Ask the kernel to start reading a chunk's pages now (asynchronous readahead)."""
     a, b = byte_range(info, start, count)

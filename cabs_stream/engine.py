@@ -105,9 +105,14 @@ def _pwrite_all(fd: int, data: memoryview, offset: int, path: str) -> None:
         raise OutputError(f"cannot write {path}: {e.strerror}") from None
 
 
+def _tail_quota(n: int, m: int, count: int) -> int:
+    """Quota of a chunk's final short group of count % m elements: floor(n * r / m + 1/2)."""
+    return (2 * n * (count % m) + m) // (2 * m)
+
+
 def _fused(job: Job, t, ch, base, fts, codes, out, masks, stats) -> None:
     cfg = job.plan.config
-    tail_n = (2 * cfg.n * (ch.count % cfg.m) + cfg.m) // (2 * cfg.m)
+    tail_n = _tail_quota(cfg.n, cfg.m, ch.count)
     mode = kernels.NM_CA if cfg.method == "cabs" else kernels.KEEP_ALL
     kernels.merge_chunk(base, FLOAT_CODES[t.base.dtype], fts, codes, job.sel[ch.tensor].weight,
                         np.array(cfg.order, np.int64), ch.count, cfg.n, cfg.m, tail_n, mode,
@@ -152,9 +157,9 @@ def _baseline(job: Job, index: int, t, ch, base, fts, codes, out, masks, stats) 
         if sel.mode == BK.SEL_MASK:  # n:m of this task vector alone, by the CABS kernel with k = 1
             one = _scratch("one", (-(-ch.count // 8),), np.uint8)
             one[:] = 0
-            tail_n = (2 * cfg.n * (ch.count % cfg.m) + cfg.m) // (2 * cfg.m)
             kernels.merge_chunk(base, FLOAT_CODES[t.base.dtype], (fts[i],), codes[i:i + 1], sel.weight[i:i + 1],
-                                np.zeros(1, np.int64), ch.count, cfg.n, cfg.m, tail_n, kernels.NM_CA, True,
+                                np.zeros(1, np.int64), ch.count, cfg.n, cfg.m, _tail_quota(cfg.n, cfg.m, ch.count),
+                                kernels.NM_CA, True,
                                 _scratch("tmp", (2 * ch.count,), np.uint16), 2, one.reshape(1, -1),
                                 np.zeros(chunk_stats.kernel_width(1), np.int64))
             keep[i] = np.unpackbits(one, bitorder="little")[:ch.count]
@@ -176,8 +181,7 @@ def run_chunk(job_path: str, index: int) -> np.ndarray:
     t = plan.tensors[ch.tensor]
     cfg = plan.config
     k = len(t.fts)
-    base = checkpoint.read_words(t.base, ch.start, ch.count, np.dtype(np.uint16))
-    fts = tuple(checkpoint.read_words(f, ch.start, ch.count, np.dtype(np.uint16)) for f in t.fts)
+    base, fts = checkpoint.read_chunk(t.base, t.fts, ch.start, ch.count)
     codes = np.array([FLOAT_CODES[f.dtype] for f in t.fts], np.int64)
     if index + 1 < len(plan.chunks):  # overlap I/O with compute: start reading the next chunk
         nxt = plan.chunks[index + 1]
@@ -194,8 +198,7 @@ def run_chunk(job_path: str, index: int) -> np.ndarray:
         _published(job, t, ch, base, fts, codes, out, masks, kstats)
     else:
         _baseline(job, index, t, ch, base, fts, codes, out, masks, kstats)
-    for info in (t.base, *t.fts):
-        checkpoint.release(info, ch.start, ch.count)
+    checkpoint.release_chunk((t.base, *t.fts), ch.start, ch.count)
     del base, fts
     stats[chunk_stats.kernel_width(k):] = chunk_stats.balance(masks, ch.start, ch.count, cfg.m, t.shape)
 

@@ -117,14 +117,12 @@ def _chunk_keys(plan: Plan, index: int, prior=None) -> np.ndarray:
     ch = plan.chunks[index]
     t = plan.tensors[ch.tensor]
     k = len(t.fts)
-    base = checkpoint.read_words(t.base, ch.start, ch.count, np.dtype(np.uint16))
-    fts = tuple(checkpoint.read_words(f, ch.start, ch.count, np.dtype(np.uint16)) for f in t.fts)
+    base, fts = checkpoint.read_chunk(t.base, t.fts, ch.start, ch.count)
     b = np.empty(ch.count, np.float32)
     taus = np.empty((k, ch.count), np.float32)
     BK.decode_chunk(base, FLOAT_CODES[t.base.dtype], fts, np.array([FLOAT_CODES[f.dtype] for f in t.fts]),
                     ch.count, b, taus, False)
-    for info in (t.base, *t.fts):
-        checkpoint.release(info, ch.start, ch.count)
+    checkpoint.release_chunk((t.base, *t.fts), ch.start, ch.count)
     if prior is not None:
         thr, bud, done = prior
         used = exclude_prior(taus, done, thr[index], bud[index], ch.count)
