@@ -44,23 +44,8 @@ _PAD = 8  # zero flags kept on both sides of a group's flags, for byte packing
 
 # --------------------------------------------------------------------------- decoding
 @njit(inline="always")
-def half_to_float(h):
-    """IEEE binary16 bits -> float32 (exact)."""
-    h = _U32(h)
-    sign = _U32((h & _U32(0x8000)) << _U32(16))
-    exp = (h >> _U32(10)) & _U32(0x1F)
-    mant = h & _U32(0x3FF)
-    if exp == 0:
-        v = np.float32(mant) * np.float32(5.9604644775390625e-08)  # mant * 2**-24, exact
-        return _U32(np.float32(v).view(_U32) | sign).view(np.float32)
-    if exp == 31:
-        return _U32(sign | _U32(0x7F800000) | (mant << _U32(13))).view(np.float32)
-    return _U32(sign | ((exp + _U32(112)) << _U32(23)) | (mant << _U32(13))).view(np.float32)
-
-
-@njit(inline="always")
 def _half_bits(h):
-    """``half_to_float`` as float32 bits, branch-free (selects) so that loops vectorize."""
+    """IEEE binary16 bits -> float32 bits (exact), branch-free (selects) so that loops vectorize."""
     h = _U32(h)
     sign = _U32((h & _U32(0x8000)) << _U32(16))
     exp = (h >> _U32(10)) & _U32(0x1F)
@@ -77,7 +62,7 @@ def load(words, code, i):
     if code == BF16:
         return _U32(_U32(words[i]) << _U32(16)).view(np.float32)
     if code == F16:
-        return half_to_float(words[i])
+        return _U32(_half_bits(words[i])).view(np.float32)
     return _U32(_U32(words[2 * i]) | (_U32(words[2 * i + 1]) << _U32(16))).view(np.float32)
 
 
@@ -90,40 +75,9 @@ def float_to_bfloat(bits):
 
 
 @njit(inline="always")
-def float_to_half(f):
-    """float32 bits -> binary16 bits, round to nearest even (numpy's algorithm)."""
-    h_sgn = _U32((f & _U32(0x80000000)) >> _U32(16))
-    f_exp = f & _EXP
-    if f_exp >= _U32(0x47800000):
-        if f_exp == _EXP:
-            f_sig = f & _U32(0x007FFFFF)
-            if f_sig != 0:
-                ret = _U32(0x7C00) + (f_sig >> _U32(13))
-                if ret == _U32(0x7C00):
-                    ret += _U32(1)
-                return _U16(h_sgn + ret)
-            return _U16(h_sgn + _U32(0x7C00))
-        return _U16(h_sgn + _U32(0x7C00))
-    if f_exp <= _U32(0x38000000):
-        if f_exp < _U32(0x33000000):
-            return _U16(h_sgn)
-        e = f_exp >> _U32(23)
-        f_sig = _U32(0x00800000) + (f & _U32(0x007FFFFF))
-        f_sig = f_sig >> (_U32(113) - e)
-        if ((f_sig & _U32(0x3FFF)) != _U32(0x1000)) or ((f & _U32(0x7FF)) != 0):
-            f_sig += _U32(0x1000)
-        return _U16(h_sgn + (f_sig >> _U32(13)))
-    h_exp = _U32((f_exp - _U32(0x38000000)) >> _U32(13))
-    f_sig = f & _U32(0x007FFFFF)
-    if (f_sig & _U32(0x3FFF)) != _U32(0x1000):
-        f_sig += _U32(0x1000)
-    return _U16(h_sgn + h_exp + (f_sig >> _U32(13)))
-
-
-@njit(inline="always")
 def _half_from_bits(f):
-    """``float_to_half`` computed branch-free (every case, then selects), so that loops
-    vectorize. Equal to it for all 2**32 inputs."""
+    """float32 bits -> binary16 bits, round to nearest even (numpy's algorithm), computed
+    branch-free (every case, then selects) so that loops vectorize."""
     f = _U32(f)
     h_sgn = _U32((f & _U32(0x80000000)) >> _U32(16))
     f_exp = _U32(f & _EXP)
@@ -154,7 +108,7 @@ def store(out, code, i, v):
     if code == BF16:
         out[i] = float_to_bfloat(bits)
     elif code == F16:
-        out[i] = float_to_half(bits)
+        out[i] = _half_from_bits(bits)
     else:
         out[2 * i] = _U16(bits & _U32(0xFFFF))
         out[2 * i + 1] = _U16(bits >> _U32(16))

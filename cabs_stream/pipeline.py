@@ -19,7 +19,7 @@ from .engine import SCHEDULERS, Job, execute, run_map
 from .errors import ConfigError
 from .plan import Plan, make_plan, tensor_chunk_size
 from .progress import MergeProgress
-from .selection import _top_count, thresholds
+from .selection import top_count, thresholds
 
 DEFAULT_CHUNK = 1 << 22  # elements
 RUNTIME_RESERVE = 256 << 20  # bytes for the interpreter, numba, dask and zarr
@@ -109,7 +109,7 @@ def find_thresholds(job: Job, workers: int, scheduler: str) -> tuple[np.ndarray 
         k = len(cfg.models)
         total = sum(plan.tensors[t].numel for t in top)
         groups = [[c for t in top for c in by_tensor[t]]]
-        ranks = [[(_top_count(cfg.model_param("density", i, "", 1.0), total), -1) for i in range(k)]]
+        ranks = [[(top_count(cfg.model_param("density", i, "", 1.0), total), -1) for i in range(k)]]
     else:
         groups = [by_tensor[t] for t in top]
         ranks = [job.sel[t].ranks for t in top]

@@ -56,11 +56,11 @@ def tensor_selection(cfg: MergeConfig, t: TensorJob) -> TensorSelection:
     scope = cfg.shared_param("scope", t.name, "tensor")
     n = t.numel
     cols = t.shape[-1] if len(t.shape) >= 2 else max(n, 1)
-    row_k = np.array([_top_count(d, cols) for d in density], np.int64)
+    row_k = np.array([top_count(d, cols) for d in density], np.int64)
     ranks = [(-1, -1)] * k
     if spec.selection == MAGNITUDE:
         mode = BK.SEL_ROW if scope == "row" else BK.SEL_TOP
-        ranks = [(_top_count(d, n), -1) for d in density]
+        ranks = [(top_count(d, n), -1) for d in density]
     elif spec.selection == OUTLIERS:
         mode = BK.SEL_BAND
         ranks = []
@@ -73,7 +73,7 @@ def tensor_selection(cfg: MergeConfig, t: TensorJob) -> TensorSelection:
     elif spec.selection == CA:
         if cfg.shared_param("selection", t.name, "magnitude") == "magnitude":
             mode = BK.SEL_TOP
-            ranks = [(_top_count(d, n), -1) for d in density]
+            ranks = [(top_count(d, n), -1) for d in density]
         else:  # random among the free positions, at the rate that keeps each model's density
             mode = BK.SEL_RANDOM
             taken = 0.0
@@ -88,7 +88,7 @@ def tensor_selection(cfg: MergeConfig, t: TensorJob) -> TensorSelection:
     return TensorSelection(mode, weight, scale, density, row_k, ranks, zlib.crc32(t.name.encode()))
 
 
-def _top_count(density: float, n: int) -> int:
+def top_count(density: float, n: int) -> int:
     """mergekit's magnitude count: everything at density >= 1, nothing at <= 0, else
     max(1, int(density * n))."""
     if density >= 1:
