@@ -1,4 +1,4 @@
-"""Throughput of the merge kernel (``kernels.merge_chunk``) beside a plain-numpy baseline.
+"""Throughput of the merge kernel (``methods.nm_kernel.merge_chunk``) beside a plain-numpy baseline.
 
 usage:
     /work/venv/bin/python benchmarks/kernel_bench.py
@@ -29,8 +29,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from cabs_stream import kernels
-from cabs_stream.dtypes import BF16
+from cabs_stream.methods import nm_kernel as kernels
+from cabs_stream.codec import BF16
 
 
 def to_bf16(x: np.ndarray) -> np.ndarray:

@@ -28,7 +28,7 @@ import time
 from dataclasses import dataclass
 
 import benchlib as bl
-from cabs_stream.methods import METHODS
+from cabs_stream.methods import registry
 from cabs_stream.synthetic import SHAPES
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -121,9 +121,10 @@ def merge_cmd(base: str, fts: list[str], out: str, method: str, args: argparse.N
     for f in fts:
         cmd += ["--model", f]
     cmd += ["-o", out, "--quiet", "--overwrite"] + (["--workers", str(args.workers)] if args.workers else [])
-    if method in ("cabs", "bs_only"):
+    takes = registry.get(method).param
+    if takes("n"):
         cmd += ["--n", str(args.n), "--m", str(args.m)]
-    elif method not in ("task_arithmetic", "linear"):
+    elif takes("density"):
         cmd += ["--density", str(args.density)]
     if cap:
         cmd += ["--memory", str(cap)]
@@ -241,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--models", type=int, nargs="+", default=[2], help="k values (default 2)")
     p.add_argument("--cap", dest="caps", type=bl.parse_size, nargs="+", default=[bl.GiB],
                    help="hard memory caps, e.g. 1GiB 2GiB ('none' = measured without a cap)")
-    p.add_argument("--methods", nargs="+", choices=sorted(METHODS), default=["cabs"])
+    p.add_argument("--methods", nargs="+", choices=sorted(registry.names()), default=["cabs"])
     p.add_argument("--density", type=float, default=0.1,
                    help="density of the methods that take one (ties, dare_*, magnitude, ...; default 0.1)")
     p.add_argument("--n", type=int, default=64)

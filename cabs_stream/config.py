@@ -1,4 +1,8 @@
-"""Merge configuration: a mergekit-style YAML file or keyword arguments, validated up front."""
+"""Merge configuration: a mergekit-style YAML file or keyword arguments, validated up front.
+
+Which parameters exist, their kinds, defaults and bounds come from the chosen method's schema
+(``methods/``): a parameter the method does not take is an error naming it, never ignored.
+"""
 
 from __future__ import annotations
 
@@ -6,35 +10,21 @@ import math
 import os
 import re
 import warnings
-from dataclasses import dataclass, field, replace
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Iterable
 
 import yaml
 
-from .dtypes import parse_dtype
+from .codec import parse_dtype
 from .errors import ConfigError
-
-from .methods import METHODS as _METHOD_TABLE
-
-METHODS = tuple(_METHOD_TABLE)
-OVERLAP_POLICIES = ("fill", "strict")
-SCOPES = ("tensor", "row", "global")
-DEFAULT_M = 256
+from .methods import registry
+from .methods.base import Method, Param
 
 _TOP_KEYS = {"merge_method", "base_model", "models", "parameters", "dtype", "tokenizer_source", "exclude"}
-#: Per-model parameters (also accepted under the top-level ``parameters`` as defaults).
-_MODEL_PARAM_KEYS = {"weight", "density", "gamma"}
-#: Shared parameters.
-_SHARED_KEYS = {"n", "m", "sparsity", "overlap", "pruning_order", "normalize", "lambda", "rescale",
-                "random_seed", "scope", "int8_mask", "variant", "selection"}
-_PARAM_KEYS = _MODEL_PARAM_KEYS | _SHARED_KEYS
 _MODEL_KEYS = {"model", "parameters"}
-#: Accepted for compatibility with mergekit files; they change nothing here.
-IGNORED_NOTES = {"int8_mask": "int8_mask is accepted and ignored: masks are always bit-packed here"}
-
 
 #: A parameter value: a scalar, or mergekit's list of {filter, value} conditions (the first
-#: whose filter is absent, "*" or a substring of the tensor name applies).
+#: whose filter is absent, "*" or a substring of the tensor name applies), kept as a tuple.
 Value = Any
 
 
@@ -48,26 +38,25 @@ def resolve(value: Value, tensor: str) -> Any:
     return value
 
 
-def _conditions(value: Any, what: str) -> Value:
-    if isinstance(value, list) and value and all(isinstance(c, dict) for c in value):
-        out = []
-        for c in value:
-            _unknown(c, {"filter", "value"}, what)
-            if "value" not in c:
-                raise ConfigError(f"{what}: each condition needs a 'value'")
-            out.append((c.get("filter"), c["value"]))
-        return tuple(out)
-    return value
-
-
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False)
 class ModelSpec:
-    """A fine-tuned model, the weight (lambda) of its task vector and its other parameters."""
+    """A fine-tuned model and its own parameters (``weight`` is the lambda of its task vector)."""
 
     path: str
-    weight: Value = 1.0
-    density: Value = None
-    gamma: Value = None
+    params: tuple[tuple[str, Value], ...]
+
+    def __init__(self, path: str, params: dict[str, Value] | None = None, **kw: Value) -> None:
+        items = {k: v for k, v in {**(params or {}), **kw}.items() if v is not None}
+        object.__setattr__(self, "path", str(path))
+        object.__setattr__(self, "params", tuple(sorted(items.items())))
+
+    def get(self, name: str) -> Value:
+        return dict(self.params).get(name)
+
+    @property
+    def weight(self) -> Value:
+        w = self.get("weight")
+        return 1.0 if w is None else w
 
 
 @dataclass(frozen=True)
@@ -77,34 +66,38 @@ class MergeConfig:
     method: str
     base: str
     models: tuple[ModelSpec, ...]
-    n: int = 64
-    m: int = DEFAULT_M
-    overlap: str = "fill"
-    pruning_order: tuple[int, ...] = ()  # indices into models; empty = listed order
+    params: dict[str, Any] = field(default_factory=dict)  # global values (and per-model defaults)
     dtype: str | None = None  # output float dtype (safetensors name); None = base's
     tokenizer_source: str | None = None
     allow_missing: bool = False
-    shared: dict[str, Any] = field(default_factory=dict)  # normalize, lambda, rescale, seed, scope, density...
     exclude: tuple[str, ...] = ()  # tensor-name substrings copied from the base
 
     @property
-    def order(self) -> tuple[int, ...]:
-        return self.pruning_order or tuple(range(len(self.models)))
+    def spec(self) -> Method:
+        return registry.get(self.method)
+
+    def value(self, name: str, tensor: str = "", model: int | None = None, default: Any = None) -> Any:
+        """A parameter for one tensor: the model's own, else the global one, else the method's default."""
+        v = resolve(self.models[model].get(name), tensor) if model is not None else None
+        if v is None:
+            v = resolve(self.params.get(name), tensor)
+        if v is None:
+            p = self.spec.param(name)
+            v = p.default if p is not None else None
+        return default if v is None else v
+
+    # conveniences for the n:m methods
+    @property
+    def n(self) -> int:
+        return int(self.value("n"))
 
     @property
-    def spec(self):
-        return _METHOD_TABLE[self.method]
+    def m(self) -> int:
+        return int(self.value("m"))
 
-    def model_param(self, name: str, i: int, tensor: str, default: Any = None) -> Any:
-        """A per-model parameter for one tensor: the model's own, else the shared default."""
-        v = resolve(getattr(self.models[i], name), tensor)
-        if v is None:
-            v = resolve(self.shared.get(name), tensor)
-        return default if v is None else v
-
-    def shared_param(self, name: str, tensor: str = "", default: Any = None) -> Any:
-        v = resolve(self.shared.get(name), tensor)
-        return default if v is None else v
+    @property
+    def order(self) -> tuple[int, ...]:
+        return tuple(self.params.get("pruning_order") or range(len(self.models)))
 
     def excluded(self, tensor: str) -> bool:
         return any(p in tensor for p in self.exclude)
@@ -114,150 +107,178 @@ class MergeConfig:
         def plain(v: Value) -> Any:
             return [{"filter": f, "value": x} for f, x in v] if isinstance(v, tuple) else v
 
+        params = {k: plain(v) for k, v in sorted(self.params.items()) if k != "pruning_order"}
         d: dict[str, Any] = {
             "merge_method": self.method,
             "base_model": self.base,
-            "models": [{"model": s.path, "weight": plain(s.weight),
-                        **({"density": plain(s.density)} if s.density is not None else {}),
-                        **({"gamma": plain(s.gamma)} if s.gamma is not None else {})} for s in self.models],
-            "parameters": {k: plain(v) for k, v in sorted(self.shared.items())},
+            "models": [{"model": s.path, "weight": plain(_first(s.get("weight"), self.params.get("weight"), 1.0)),
+                        **{k: plain(v) for k, v in s.params if k != "weight"}} for s in self.models],
+            "parameters": params,
             "exclude": list(self.exclude),
             "dtype": self.dtype,
             "tokenizer_source": self.tokenizer_source,
             "allow_missing": self.allow_missing,
         }
-        if self.spec.selection in ("nm_ca", "nm", "ca"):
-            d.update(n=self.n, m=self.m, density=self.n / self.m, overlap=self.overlap,
-                     pruning_order=[self.models[i].path for i in self.order])
+        d.update(self.spec.describe(self))
         return d
 
 
-def _number(value: Any, what: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ConfigError(f"{what} must be a finite number, got {value!r}")
-    return float(value)
+def _first(*values: Any) -> Any:
+    return next(v for v in values if v is not None)
 
 
-def _int(value: Any, what: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ConfigError(f"{what} must be an integer, got {value!r}")
+# ------------------------------------------------------------------------ value checks
+def check_value(p: Param, value: Any, where: str, models: list[str] | None = None) -> Any:
+    """Validate one value against its parameter (filter lists element by element)."""
+    if isinstance(value, list) and value and all(isinstance(c, dict) for c in value) and p.kind != "models":
+        if not p.filterable:
+            raise ConfigError(f"{where}: {p.name} cannot be a filter list")
+        out = []
+        for c in value:
+            _unknown(c, {"filter", "value"}, f"{where} ({p.name} condition)")
+            if "value" not in c:
+                raise ConfigError(f"{where}: each {p.name} condition needs a 'value'")
+            flt = c.get("filter")
+            if flt is not None and not isinstance(flt, str):
+                raise ConfigError(f"{where}: the filter of a {p.name} condition must be a string, got {flt!r}")
+            out.append((flt, check_value(p, c["value"], where)))
+        return tuple(out)
+    if isinstance(value, tuple) and p.kind != "models":  # already checked (a ModelSpec re-used)
+        return tuple((f, check_value(p, v, where)) for f, v in value)
+    what = f"{where}: {p.name}"
+    if p.kind == "float":
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ConfigError(f"{what} must be a finite number, got {value!r}")
+        value = float(value)
+    elif p.kind == "int":
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{what} must be an integer, got {value!r}")
+    elif p.kind == "bool":
+        if not isinstance(value, bool):
+            raise ConfigError(f"{what} must be true or false, got {value!r}")
+    elif p.kind == "choice":
+        if value not in p.choices:
+            raise ConfigError(f"{what} must be one of {', '.join(p.choices)}, got {value!r}")
+    elif p.kind == "models":
+        return _model_order(value, models or [], what)
+    if p.lo is not None and not p.lo <= value <= p.hi:
+        raise ConfigError(f"{what} must be between {p.lo:g} and {p.hi:g}, got {value!r}")
     return value
 
 
-def _unknown(keys: Any, allowed: set[str], where: str) -> None:
+def _model_order(value: Any, models: list[str], what: str) -> tuple[int, ...]:
+    if not isinstance(value, (list, tuple)) or not all(isinstance(x, (str, os.PathLike)) for x in value):
+        raise ConfigError(f"{what} must be a list of model paths, got {value!r}")
+    index = {os.path.realpath(p): i for i, p in enumerate(models)}
+    order = []
+    for p in value:
+        i = index.get(os.path.realpath(str(p)))
+        if i is None:
+            raise ConfigError(f"{what} names {str(p)!r}, which is not a listed model")
+        order.append(i)
+    if sorted(order) != list(range(len(models))):
+        raise ConfigError(f"{what} must list every model exactly once")
+    return tuple(order)
+
+
+def _unknown(keys: Iterable[str], allowed: set[str], where: str) -> None:
     extra = sorted(set(keys) - allowed)
     if extra:
         raise ConfigError(f"unknown key {extra[0]!r} in {where} (allowed: {', '.join(sorted(allowed))})")
 
 
+def _not_for_method(name: str, method: Method, where: str) -> ConfigError:
+    takes = ", ".join(p.name for p in method.params) or "none"
+    elsewhere = [m for m in registry.names() if registry.get(m).param(name)]
+    if not elsewhere:
+        return ConfigError(f"unknown key {name!r} in {where} (allowed for {method.name}: {takes})")
+    return ConfigError(f"parameter {name!r} in {where} does not apply to merge_method {method.name} (it belongs "
+                       f"to {', '.join(elsewhere)}); {method.name} takes: {takes}")
+
+
+# ------------------------------------------------------------------------ building
 def build_config(*, method: str = "cabs", base: str, models: list[str] | list[ModelSpec],
                  weights: list[float] | None = None, n: int | None = None, m: int | None = None,
-                 sparsity: float | None = None, overlap: str = "fill",
+                 sparsity: float | None = None, overlap: str | None = None,
                  pruning_order: list[str] | None = None, dtype: str | None = None,
                  tokenizer_source: str | None = None, allow_missing: bool = False,
                  density: float | None = None, params: dict[str, Any] | None = None,
+                 model_params: list[dict[str, Any]] | None = None,
                  exclude: list[str] | None = None) -> MergeConfig:
     """Validate arguments and build a ``MergeConfig`` (the API and the CLI flags use this).
 
-    ``params`` holds the shared parameters of the other methods (normalize, lambda, rescale,
-    random_seed, scope, gamma, density; values may be mergekit filter lists)."""
-    if method not in METHODS:
-        raise ConfigError(f"unknown merge_method {method!r}; choose one of {', '.join(METHODS)}")
+    ``params`` holds the method's global parameters by their YAML names (values may be
+    mergekit filter lists); ``n``, ``m``, ``sparsity``, ``overlap``, ``pruning_order`` and
+    ``density`` are shorthands for entries of it. ``weights`` gives one weight per model and
+    ``model_params`` one dict of per-model parameters per model (both in the models' order).
+    """
+    try:
+        spec = registry.get(method)
+    except KeyError:
+        raise ConfigError(f"unknown merge_method {method!r}; choose one of {', '.join(registry.names())}") from None
     if not base:
         raise ConfigError("base_model is required")
     specs = [s if isinstance(s, ModelSpec) else ModelSpec(str(s)) for s in models]
     if not specs:
         raise ConfigError("at least one fine-tuned model is required")
+    paths = [s.path for s in specs]
     if weights:
         if len(weights) != len(specs):
             raise ConfigError(f"{len(weights)} weights given for {len(specs)} models; give one per model")
-        specs = [replace(s, weight=_number(w, f"weight of {s.path}")) for s, w in zip(specs, weights)]
-    for s in specs:
-        _check_values(s.weight, f"weight of {s.path}")
-        _check_values(s.density, f"density of {s.path}", lo=0.0, hi=1.0)
-        _check_values(s.gamma, f"gamma of {s.path}", lo=0.0, hi=1.0)
-    shared = {k: v for k, v in (params or {}).items() if v is not None}
-    if density is not None:
-        shared["density"] = density
-    _unknown(shared, (_PARAM_KEYS - {"n", "m", "sparsity", "overlap", "pruning_order"}), "parameters")
-    for key, note in IGNORED_NOTES.items():
-        if key in shared:
-            warnings.warn(note, stacklevel=2)
-            shared.pop(key)
-    _check_values(shared.get("density"), "density", lo=0.0, hi=1.0)
-    _check_values(shared.get("gamma"), "gamma", lo=0.0, hi=1.0)
-    _check_values(shared.get("weight"), "weight")
-    _check_values(shared.get("lambda"), "lambda")
-    if "scope" in shared and shared["scope"] not in SCOPES:
-        raise ConfigError(f"scope must be one of {', '.join(SCOPES)}, got {shared['scope']!r}")
-    if "variant" in shared:
-        if method != "cabs" or shared["variant"] not in ("paper", "published-2024"):
-            raise ConfigError(f"variant must be 'paper' or 'published-2024' (cabs only), got {shared['variant']!r}")
-        if shared["variant"] == "published-2024" and len(specs) != 2:
-            raise ConfigError("variant published-2024 merges exactly two models, as the published scripts did")
-    if shared.get("selection", "magnitude") not in ("magnitude", "random"):
-        raise ConfigError(f"selection must be 'magnitude' or 'random', got {shared['selection']!r}")
-    if "random_seed" in shared:
-        _int(shared["random_seed"], "random_seed")
-    for key in ("normalize", "rescale"):
-        if key in shared and not isinstance(shared[key], bool):
-            raise ConfigError(f"{key} must be true or false, got {shared[key]!r}")
+        specs = [ModelSpec(s.path, {**dict(s.params), "weight": w}) for s, w in zip(specs, weights)]
+    if model_params:
+        if len(model_params) != len(specs):
+            raise ConfigError(f"per-model parameters given for {len(model_params)} models, but there are "
+                              f"{len(specs)}; give one value, or one per model")
+        specs = [ModelSpec(s.path, {**dict(s.params), **{k: v for k, v in mp.items() if v is not None}})
+                 for s, mp in zip(specs, model_params)]
 
-    real = lambda p: os.path.realpath(p)  # noqa: E731
-    seen: dict[str, str] = {real(base): base}
+    given = {k: v for k, v in (params or {}).items() if v is not None}
+    for key, v in (("n", n), ("m", m), ("sparsity", sparsity), ("overlap", overlap),
+                   ("pruning_order", pruning_order), ("density", density)):
+        if v is not None and v != []:
+            given[key] = v
+    shared: dict[str, Any] = {}
+    for key, v in given.items():
+        p = spec.param(key)
+        if p is None:
+            raise _not_for_method(key, spec, "parameters")
+        shared[key] = check_value(p, v, "parameters", paths)
+    checked = []
     for s in specs:
+        own = {}
+        for key, v in s.params:
+            p = spec.param(key)
+            if p is None:
+                raise _not_for_method(key, spec, f"parameters of {s.path}")
+            if not p.per_model:
+                raise ConfigError(f"parameter {key!r} of {s.path} is global for {spec.name}; "
+                                  "give it under the top-level parameters")
+            own[key] = check_value(p, v, f"parameters of {s.path}")
+        checked.append(ModelSpec(s.path, own))
+    if shared.pop("int8_mask", None) is not None:
+        warnings.warn("int8_mask is accepted and ignored: masks are always bit-packed here", stacklevel=2)
+    shared = spec.resolve(shared, len(checked))
+
+    real = os.path.realpath
+    seen: dict[str, str] = {real(base): base}
+    for s in checked:
         r = real(s.path)
         if r in seen:
-            what = "the base model" if seen[r] == base and r == real(base) else f"model {seen[r]}"
+            what = "the base model" if r == real(base) else f"model {seen[r]}"
             raise ConfigError(f"model {s.path} is listed twice (same as {what})")
         seen[r] = s.path
-
-    m = DEFAULT_M if m is None else _int(m, "m")
-    if m < 1:
-        raise ConfigError(f"m must be at least 1, got {m}")
-    if sparsity is not None:
-        sparsity = _number(sparsity, "sparsity")
-        if n is not None:
-            raise ConfigError("give either n or sparsity, not both")
-        if not 0 <= sparsity < 1:
-            raise ConfigError(f"sparsity must be in [0, 1), got {sparsity}")
-        n = round(m * (1 - sparsity))
-        if n < 1:
-            raise ConfigError(f"sparsity {sparsity} keeps no weight in a group of m={m}; lower it or raise m")
-    n = 64 if n is None else _int(n, "n")
-    if not 1 <= n <= m:
-        raise ConfigError(f"n must be between 1 and m={m}, got {n}")
-    if overlap not in OVERLAP_POLICIES:
-        raise ConfigError(f"overlap must be 'fill' or 'strict', got {overlap!r}")
-
-    order: tuple[int, ...] = ()
-    if pruning_order:
-        index = {real(s.path): i for i, s in enumerate(specs)}
-        try:
-            order = tuple(index[real(str(p))] for p in pruning_order)
-        except KeyError as e:
-            raise ConfigError(f"pruning_order names {e.args[0]!r}, which is not a listed model") from None
-        if sorted(order) != list(range(len(specs))):
-            raise ConfigError("pruning_order must list every model exactly once")
     try:
         out_dtype = parse_dtype(dtype) if dtype else None
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    return MergeConfig(method, str(base), tuple(specs), n, m, overlap, order, out_dtype,
-                       tokenizer_source, allow_missing, shared, tuple(exclude or ()))
-
-
-def _check_values(value: Value, what: str, lo: float | None = None, hi: float | None = None) -> None:
-    for v in ([x for _, x in value] if isinstance(value, tuple) else [value]):
-        if v is None:
-            continue
-        x = _number(v, what)
-        if lo is not None and not lo <= x <= hi:
-            raise ConfigError(f"{what} must be between {lo} and {hi}, got {x}")
+    return MergeConfig(spec.name, str(base), tuple(checked), shared, out_dtype, tokenizer_source,
+                       allow_missing, tuple(exclude or ()))
 
 
 def load_config(path: str, **overrides: Any) -> MergeConfig:
-    """Read a mergekit-style YAML file. ``overrides`` (non-None) replace its values."""
+    """Read a mergekit-style YAML file. ``overrides`` (non-None) replace its values; its
+    ``params`` entries replace single parameters."""
     try:
         with open(path, encoding="utf-8") as f:
             doc = yaml.safe_load(f)
@@ -271,8 +292,6 @@ def load_config(path: str, **overrides: Any) -> MergeConfig:
     params = doc.get("parameters") or {}
     if not isinstance(params, dict):
         raise ConfigError("'parameters' must be a mapping")
-    _unknown(params, _PARAM_KEYS, "parameters")
-    default_w = _conditions(params.get("weight", 1.0), "parameters.weight")
     entries = doc.get("models") or []
     if not isinstance(entries, list):
         raise ConfigError("'models' must be a list")
@@ -280,31 +299,29 @@ def load_config(path: str, **overrides: Any) -> MergeConfig:
     for e in entries:
         if isinstance(e, str):
             e = {"model": e}
-        if not isinstance(e, dict) or "model" not in e:
+        if not isinstance(e, dict) or not isinstance(e.get("model"), str):
             raise ConfigError(f"each models entry needs a 'model' path, got {e!r}")
-        _unknown(e, _MODEL_KEYS, f"models entry {e.get('model')}")
+        _unknown(e, _MODEL_KEYS, f"models entry {e['model']}")
         p = e.get("parameters") or {}
         if not isinstance(p, dict):
             raise ConfigError(f"parameters of {e['model']} must be a mapping")
-        _unknown(p, _MODEL_PARAM_KEYS, f"parameters of {e['model']}")
-        where = f"parameters of {e['model']}"
-        specs.append(ModelSpec(str(e["model"]), _conditions(p.get("weight", default_w), where),
-                               _conditions(p.get("density"), where), _conditions(p.get("gamma"), where)))
-    kw: dict[str, Any] = dict(
-        method=doc.get("merge_method", "cabs"), base=doc.get("base_model"), models=specs,
-        n=params.get("n"), m=params.get("m"), sparsity=params.get("sparsity"),
-        overlap=params.get("overlap", "fill"), pruning_order=params.get("pruning_order"),
-        dtype=doc.get("dtype"), tokenizer_source=doc.get("tokenizer_source"),
-        params={k: _conditions(v, f"parameters.{k}") for k, v in params.items()
-                if k not in ("n", "m", "sparsity", "overlap", "pruning_order", "weight")},
-        exclude=_strings(doc.get("exclude"), "exclude"))
-    if kw["base"] is None:
+        specs.append(ModelSpec(e["model"], p))
+    if doc.get("base_model") is None:
         raise ConfigError(f"config {path} has no base_model")
-    extra = overrides.pop("params", None) or {}
-    kw["params"] = {**kw["params"], **extra}
+    kw: dict[str, Any] = dict(method=doc.get("merge_method", "cabs"), base=doc.get("base_model"), models=specs,
+                              dtype=doc.get("dtype"), tokenizer_source=doc.get("tokenizer_source"),
+                              params=dict(params), exclude=_strings(doc.get("exclude"), "exclude"))
+    extra = {k: v for k, v in (overrides.pop("params", None) or {}).items() if v is not None}
+    for key in ("n", "m", "sparsity", "overlap", "pruning_order", "density"):
+        if overrides.get(key) is not None:
+            extra[key] = overrides.pop(key)
+        overrides.pop(key, None)
+    if "n" in extra:
+        kw["params"].pop("sparsity", None)
+    if "sparsity" in extra:
+        kw["params"].pop("n", None)
+    kw["params"].update(extra)
     kw.update({k: v for k, v in overrides.items() if v is not None})
-    if overrides.get("n") is not None or overrides.get("sparsity") is not None:
-        kw["n" if overrides.get("sparsity") is not None else "sparsity"] = None
     return build_config(**kw)
 
 

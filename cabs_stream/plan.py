@@ -1,17 +1,25 @@
-"""The merge plan: tensors matched and validated across models, the m-aligned chunk grid and
-the output shard layout, all computed before a single byte is written."""
+"""The merge plan: tensors matched and validated across models, the chunk grid, the output
+shard layout and the memory model, all computed before a single byte is written.
+
+The chunk grid is the one place that decides chunk boundaries (the merge, the threshold
+passes and the mask store all use ``Plan.chunks``): every boundary is a multiple of
+lcm(m, 8), and falls on whole rows when a row fits (or always, when the method needs it)."""
 
 from __future__ import annotations
 
 import math
+import os
 import warnings
 from dataclasses import dataclass
 
-from .checkpoint import Checkpoint, open_checkpoint
+from .codec import COPY_ONLY, FLOAT_CODES, ITEMSIZE, is_mergeable
 from .config import MergeConfig
-from .dtypes import COPY_ONLY, FLOAT_CODES, ITEMSIZE, is_mergeable
-from .errors import CheckpointError
-from .safetensors_format import TensorInfo, build_header
+from .errors import CheckpointError, ConfigError
+from .io.checkpoint import Checkpoint, open_checkpoint
+from .io.safetensors_format import TensorInfo, build_header
+
+DEFAULT_CHUNK = 1 << 22  # elements
+RUNTIME_RESERVE = 256 << 20  # bytes for the interpreter, numba, dask and zarr
 
 
 @dataclass(frozen=True)
@@ -25,6 +33,7 @@ class TensorJob:
     fts: tuple[TensorInfo, ...]  # empty for tensors copied from the base
     shard: int
     out_start: int  # absolute byte offset in the output shard
+    chunk: int  # elements per chunk of this tensor (the last one may be shorter)
 
     @property
     def numel(self) -> int:
@@ -49,6 +58,7 @@ class Chunk:
     tensor: int
     start: int
     count: int
+    ordinal: int  # position among the tensor's chunks
 
 
 @dataclass
@@ -61,6 +71,14 @@ class Plan:
     chunks: list[Chunk]
     chunk_size: int
     ignored: list[str]  # fine-tuned tensors the base lacks
+    group: int  # chunk boundaries are multiples of this (m); the report's balance groups
+
+    def tensor_chunks(self) -> dict[int, list[int]]:
+        """Chunk indices of every merged tensor, in order."""
+        out: dict[int, list[int]] = {}
+        for i, ch in enumerate(self.chunks):
+            out.setdefault(ch.tensor, []).append(i)
+        return out
 
     @property
     def merged_elements(self) -> int:
@@ -131,14 +149,49 @@ def match_tensors(config: MergeConfig, base: Checkpoint, models: list[Checkpoint
     return out, ignored
 
 
-def make_plan(config: MergeConfig, chunk_size: int, shard_size: int, convert_dir: str | None = None,
-              whole_rows: bool = False) -> Plan:
+def group_size(config: MergeConfig) -> int:
+    """Chunk boundaries are multiples of this many elements: m for the n:m methods, else
+    256 (the groups the report's balance figures count over, for every method)."""
+    return int(config.value("m", default=256))
+
+
+def engine_settings(config: MergeConfig, chunk_size: int | None, workers: int | None,
+                    memory: int | None) -> tuple[int, int]:
+    """Chunk size (elements) and worker count, derived from a memory budget when given.
+
+    A chunk in flight holds its input pages (<= 4 bytes per element per model, base
+    included), its output words (<= 4 bytes), k mask bits per element and the method's
+    scratch (``Needs.scratch_bytes``); two chunks per worker may be resident at once.
+    """
+    # Chunks wait on page faults as much as on the CPU: two per core keep the disk busy.
+    workers = workers or 2 * (os.cpu_count() or 1)
+    if workers < 1:
+        raise ConfigError(f"--workers must be at least 1, got {workers}")
+    if chunk_size is not None:
+        if chunk_size < 1:
+            raise ConfigError(f"--chunk-size must be positive, got {chunk_size}")
+        return chunk_size, workers
+    if memory is None:
+        return DEFAULT_CHUNK, workers
+    k = len(config.models)
+    per_element = 4 * (k + 1) + 4 + k / 8 + config.spec.needs(config).scratch_bytes
+    room = memory - RUNTIME_RESERVE
+    if room < 64 * 1024 * per_element:
+        raise ConfigError(f"--memory {memory} bytes is too small; allow at least "
+                          f"{(RUNTIME_RESERVE + 64 * 1024 * per_element) / 2**20:.0f} MiB")
+    chunk = int(room / (2 * workers * per_element))
+    return min(chunk, 1 << 24), workers
+
+
+def make_plan(config: MergeConfig, chunk_size: int, shard_size: int, convert_dir: str | None = None) -> Plan:
     """Open and validate every input, then lay out the chunk grid and the output shards.
     PyTorch .bin inputs are converted to safetensors in ``convert_dir``."""
     base = open_checkpoint(config.base, convert_dir)
     models = [open_checkpoint(s.path, convert_dir) for s in config.models]
     matched, ignored = match_tensors(config, base, models)
-    chunk_size = align_chunk_size(chunk_size, config.m)
+    m = group_size(config)
+    whole_rows = config.spec.needs(config).whole_rows
+    chunk_size = align_chunk_size(chunk_size, m)
 
     # Output shards: tensors in base order, a new shard when the next one would overflow.
     groups: list[list[tuple[str, str, tuple[int, ...], TensorInfo, tuple[TensorInfo, ...]]]] = [[]]
@@ -159,12 +212,12 @@ def make_plan(config: MergeConfig, chunk_size: int, shard_size: int, convert_dir
         header, offsets = build_header([(n, d, shp) for n, d, shp, _, _ in group], {"format": "pt"})
         size = len(header)
         for (name, dtype, shape, b, fts), off in zip(group, offsets):
-            tensors.append(TensorJob(name, shape, dtype, b, fts, s, len(header) + off))
+            tensors.append(TensorJob(name, shape, dtype, b, fts, s, len(header) + off,
+                                     tensor_chunk_size(chunk_size, m, shape, whole_rows)))
             size += math.prod(shape) * ITEMSIZE[dtype]
         shards.append(OutShard(fname, header, size))
 
-    chunks = [Chunk(t, start, min(size, job.numel - start))
+    chunks = [Chunk(t, start, min(job.chunk, job.numel - start), start // job.chunk)
               for t, job in enumerate(tensors) if job.merged
-              for size in [tensor_chunk_size(chunk_size, config.m, job.shape, whole_rows)]
-              for start in range(0, job.numel, size)]
-    return Plan(config, base, models, tensors, shards, chunks, chunk_size, ignored)
+              for start in range(0, job.numel, job.chunk)]
+    return Plan(config, base, models, tensors, shards, chunks, chunk_size, ignored, m)

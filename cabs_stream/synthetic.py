@@ -14,10 +14,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .checkpoint import INDEX_NAME
-from .dtypes import FLOAT_CODES, ITEMSIZE
-from .kernels import encode
-from .safetensors_format import build_header
+from .codec import FLOAT_CODES, ITEMSIZE, encode
+from .io.checkpoint import INDEX_NAME
+from .io.safetensors_format import build_header
+
 
 BLOCK = 1 << 22  # elements generated at a time
 

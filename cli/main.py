@@ -6,14 +6,16 @@ import os
 import sys
 import tempfile
 import time
+import warnings
 
 import click
 
 from cabs_stream import __version__
 from cabs_stream.config import build_config, load_config, parse_size
-from cabs_stream.errors import CabsError
-from cabs_stream.methods import METHODS
+from cabs_stream.errors import CabsError, ConfigError
 from cabs_stream.pipeline import merge as run_merge
+from cabs_stream.methods import registry
+from cabs_stream.methods.base import Param
 
 
 def _fail(e: Exception) -> None:
@@ -47,8 +49,8 @@ def engine_options(f):
                      help="Maximum size of an output safetensors shard."),
         click.option("--overwrite", is_flag=True, help="Replace OUT_DIR if it exists (only once the merge is complete)."),
         click.option("--save-masks", is_flag=True,
-                     help="Keep the bit-packed masks (1 bit per parameter per model) in the work "
-                          "state; they are deleted with it when the merge completes unless this is set."),
+                     help="Keep the bit-packed masks (1 bit per parameter per model) as a Zarr store, "
+                          "OUT_DIR/cabs_masks.zarr."),
         click.option("--allow-nonfinite", is_flag=True,
                      help="Merge even if a task vector holds NaN or Inf (default: stop with an error)."),
         click.option("--quiet", "-q", is_flag=True, help="No progress output and no summary."),
@@ -65,47 +67,95 @@ def main() -> None:
     arithmetic, chunk by chunk, in bounded memory on CPUs."""
 
 
+def _method_params() -> dict[str, tuple[Param, list[str]]]:
+    """Every parameter of every registered method, with the methods that take it."""
+    out: dict[str, tuple[Param, list[str]]] = {}
+    for name in registry.names():
+        for p in registry.get(name).params:
+            if p.name in ("weight", "int8_mask"):
+                continue
+            if p.name not in out:
+                out[p.name] = (p, [])
+            out[p.name][1].append(name)
+    return out
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def method_options(f):
+    """One option per method parameter, generated from the methods' schemas (``--help``
+    lists the methods each applies to)."""
+    for name, (p, users) in reversed(list(_method_params().items())):
+        where = f" [{', '.join(users)}]"
+        dest = "p_" + name
+        if p.kind == "bool":
+            opt = click.option(f"{_flag(name)}/--no-{name.replace('_', '-')}", dest, default=None,
+                               help=p.help + where)
+        elif p.kind == "choice":
+            choices = sorted({c for m in users for c in registry.get(m).param(name).choices})
+            opt = click.option(_flag(name), dest, type=click.Choice(choices), default=None, help=p.help + where)
+        elif p.kind == "models":
+            opt = click.option(_flag(name), dest, multiple=True, metavar="MODEL",
+                               help=p.help + " (repeat, model paths)" + where)
+        else:
+            typ = float if p.kind == "float" else int
+            per = " Once for every model, or once per model in --model order." if p.per_model else ""
+            opt = click.option(_flag(name), dest, type=typ, default=None, multiple=p.per_model,
+                               help=p.help + "." + per + where)
+        f = opt(f)
+    return f
+
+
+def _collect(values: dict) -> tuple[dict, dict[str, list]]:
+    """Split the generated options into global parameters and per-model lists."""
+    shared, per_model = {}, {}
+    for key, v in values.items():
+        name = key[2:]
+        if v is None or v == ():
+            continue
+        p, _ = _method_params()[name]
+        if p.per_model and len(v) > 1:
+            per_model[name] = list(v)
+        elif p.per_model:
+            shared[name] = v[0]
+        elif p.kind == "models":
+            shared[name] = list(v)
+        else:
+            shared[name] = v
+    return shared, per_model
+
+
 @main.command("merge")
 @click.argument("config", required=False, type=click.Path(dir_okay=False))
 @click.argument("out_dir", required=False, type=click.Path(file_okay=False))
 @click.option("-o", "--output", "output", type=click.Path(file_okay=False), help="Output folder (instead of OUT_DIR).")
-@click.option("--method", type=click.Choice(list(METHODS)), default=None,
+@click.option("--method", type=click.Choice(registry.names()), default=None,
               help="Merge method (default cabs, or the config's merge_method). See the README's method table.")
 @click.option("--base", default=None, help="Base model: a Hugging Face folder or .safetensors file.")
 @click.option("--model", "models", multiple=True, help="A fine-tuned model (repeat for each).")
 @click.option("--weight", "weights", type=float, multiple=True,
               help="Lambda of each --model's task vector, in the same order (default 1.0).")
-@click.option("--n", "n", type=int, default=None, help="Weights kept per group of m (default 64).")
-@click.option("--m", "m", type=int, default=None, help="Group size (default 256).")
-@click.option("--sparsity", type=float, default=None, help="Fraction dropped; sets n = round(m * (1 - sparsity)).")
-@click.option("--overlap", type=click.Choice(["fill", "strict"]), default=None,
-              help="Short groups: fill tops up from used positions (default), strict keeps fewer.")
-@click.option("--pruning-order", "pruning_order", multiple=True,
-              help="Model paths in the order they are pruned (repeat; default: listed order).")
+@method_options
 @click.option("--dtype", default=None, help="Output dtype: bfloat16, float16 or float32 (default: the base's).")
 @click.option("--tokenizer-source", default=None, help="Folder to copy tokenizer files from (default: the base).")
-@click.option("--density", type=float, default=None,
-              help="Fraction of each task vector kept (ties, dare_*, magnitude, random, breadcrumbs).")
-@click.option("--gamma", type=float, default=None, help="breadcrumbs: fraction of largest entries dropped (default 0.01).")
-@click.option("--scope", type=click.Choice(["tensor", "row", "global"]), default=None,
-              help="magnitude/ties threshold scope (default tensor).")
-@click.option("--random-seed", type=int, default=None, help="Seed of DARE/random pruning (default 0).")
-@click.option("--normalize/--no-normalize", default=None, help="Divide by the sum of weights (method default).")
-@click.option("--lambda", "lambda_", type=float, default=None, help="Global scale of the merged task vector (default 1).")
 @click.option("--exclude", multiple=True, metavar="PATTERN",
               help="Keep tensors whose name contains PATTERN from the base (repeat), e.g. embed_tokens.")
 @click.option("--allow-missing", is_flag=True,
               help="A tensor missing from a fine-tuned model counts as an all-zero task vector.")
 @engine_options
-def merge_cmd(config, out_dir, output, method, base, models, weights, n, m, sparsity, overlap,
-              pruning_order, dtype, tokenizer_source, density, gamma, scope, random_seed, normalize, lambda_,
-              exclude, allow_missing, chunk_size, workers, memory,
-              scheduler, shard_size, overwrite, save_masks, allow_nonfinite, quiet) -> None:
+def merge_cmd(config, out_dir, output, method, base, models, weights, dtype, tokenizer_source, exclude,
+              allow_missing, chunk_size, workers, memory, scheduler, shard_size, overwrite, save_masks,
+              allow_nonfinite, quiet, **method_values) -> None:
     """Merge models into OUT_DIR, from a mergekit-style CONFIG.yml or from flags.
 
     \b
       cabs-stream merge config.yml merged/
       cabs-stream merge --base B --model A --model C -o merged --n 64 --m 256 --weight 1.2 --weight 1.0
+
+    Method parameters apply only to the methods listed in brackets; giving one to another
+    method is an error.
     """
     if config and not out_dir and not output and not config.endswith((".yml", ".yaml")):
         config, out_dir = None, config  # a single positional argument is the output folder
@@ -114,26 +164,27 @@ def merge_cmd(config, out_dir, output, method, base, models, weights, n, m, spar
         raise click.UsageError("give the output folder as OUT_DIR or with -o/--output")
     if output and out_dir:
         raise click.UsageError("give the output folder once, as OUT_DIR or with -o")
-    params = {"gamma": gamma, "scope": scope, "random_seed": random_seed, "normalize": normalize,
-              "lambda": lambda_, "density": density}
-    params = {k: v for k, v in params.items() if v is not None}
+    params, per_model = _collect(method_values)
     try:
-        if config:
-            if base or models:
-                raise click.UsageError("--base/--model cannot be combined with a CONFIG file")
-            cfg = load_config(config, method=method, n=n, m=m, sparsity=sparsity, overlap=overlap,
-                              dtype=dtype, tokenizer_source=tokenizer_source,
-                              allow_missing=allow_missing or None,
-                              weights=list(weights) or None, pruning_order=list(pruning_order) or None,
-                              params=params or None, exclude=list(exclude) or None)
-        else:
-            if not base or not models:
-                raise click.UsageError("give a CONFIG file, or --base and at least one --model")
-            cfg = build_config(method=method or "cabs", base=base, models=list(models), weights=list(weights),
-                               n=n, m=m, sparsity=sparsity, overlap=overlap or "fill",
-                               pruning_order=list(pruning_order), dtype=dtype,
-                               tokenizer_source=tokenizer_source, allow_missing=allow_missing,
-                               params=params, exclude=list(exclude))
+        with warnings.catch_warnings(record=True) as notes:
+            warnings.simplefilter("always")
+            if config:
+                if base or models:
+                    raise click.UsageError("--base/--model cannot be combined with a CONFIG file")
+                k = len(load_config(config).models) if per_model else 0
+                cfg = load_config(config, method=method, dtype=dtype, tokenizer_source=tokenizer_source,
+                                  allow_missing=allow_missing or None, weights=list(weights) or None,
+                                  params=params or None, model_params=_per_model(per_model, k),
+                                  exclude=list(exclude) or None)
+            else:
+                if not base or not models:
+                    raise click.UsageError("give a CONFIG file, or --base and at least one --model")
+                cfg = build_config(method=method or "cabs", base=base, models=list(models), weights=list(weights),
+                                   dtype=dtype, tokenizer_source=tokenizer_source, allow_missing=allow_missing,
+                                   params=params, model_params=_per_model(per_model, len(models)),
+                                   exclude=list(exclude))
+        for w in notes:
+            click.echo(f"note: {w.message}", err=True)
         res = run_merge(cfg, target, chunk_size=chunk_size, workers=workers, memory=memory,
                         scheduler=scheduler, shard_size=shard_size, overwrite=overwrite,
                         save_masks=save_masks, allow_nonfinite=allow_nonfinite, quiet=quiet)
@@ -145,6 +196,17 @@ def merge_cmd(config, out_dir, output, method, base, models, weights, n, m, spar
         sys.exit(130)
     if not quiet:
         print_summary(res.report, res.out_dir)
+
+
+def _per_model(per_model: dict[str, list], k: int) -> list[dict] | None:
+    """Per-model option values (given once per model) as one dict per model."""
+    if not per_model:
+        return None
+    for name, values in per_model.items():
+        if len(values) != k:
+            raise ConfigError(f"{_flag(name)} given {len(values)} times for {k} models; give it once (every "
+                              "model) or once per model")
+    return [{name: values[i] for name, values in per_model.items()} for i in range(k)]
 
 
 def print_summary(report: dict, out_dir: str) -> None:
@@ -187,7 +249,7 @@ def analyze_cmd(config, out, methods, sparsities, tensor, no_plots, chunk_size, 
     run at every sparsity on the streaming engine and the results go to OUTPUT/analysis.json
     with the plots overlap_vs_sparsity.png, density_heatmap.png and per_layer_kept.png.
     """
-    from cabs_stream.analyze import analyze
+    from cabs_stream.report.analyze import analyze
 
     try:
         res = analyze(load_config(config), out, list(methods), list(sparsities), tensor=tensor,

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from cabs_stream import CheckpointError, ConfigError, OutputError, build_config, merge
-from cabs_stream.safetensors_format import read_header
+from cabs_stream.io.safetensors_format import read_header
 from conftest import load_model, rewrite_model
 
 

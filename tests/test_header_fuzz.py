@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from cabs_stream.errors import CheckpointError
-from cabs_stream.safetensors_format import read_header
+from cabs_stream.io.safetensors_format import read_header
 
 EXAMPLES = int(os.environ.get("CABS_FUZZ_EXAMPLES", "150"))
 FUZZ = settings(max_examples=EXAMPLES, deadline=None,
@@ -55,7 +55,7 @@ def test_raw_bytes(tmp_path, blob):
 
 
 def test_valid_header_is_accepted(tmp_path):
-    from cabs_stream.safetensors_format import build_header
+    from cabs_stream.io.safetensors_format import build_header
     head, _ = build_header([("a", "F32", (2, 3)), ("b", "BF16", (5,))], {"format": "pt"})
     p = tmp_path / "ok.safetensors"
     p.write_bytes(head + b"\0" * (24 + 10))

@@ -8,8 +8,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cabs_stream import kernels as K
-from cabs_stream.dtypes import FLOAT_CODES
+from cabs_stream import codec
+from cabs_stream.codec import FLOAT_CODES
+from cabs_stream.methods import nm_kernel as K
 from reference import decode_ref, encode_ref, merge_ref, nm_masks_ref, tail_quota, top_q
 
 SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -156,7 +157,7 @@ def test_kernel_matches_reference(case):
 @pytest.mark.parametrize("dtype", ["BF16", "F16"])
 def test_decode_all_16bit_words(dtype):
     words = np.arange(65536, dtype=np.uint16)
-    got = K.decode(words, FLOAT_CODES[dtype], 65536)
+    got = codec.decode(words, FLOAT_CODES[dtype], 65536)
     assert np.array_equal(got.view(np.uint32), decode_ref(words, dtype).view(np.uint32)) or \
         np.array_equal(np.isnan(got), np.isnan(decode_ref(words, dtype)))
     finite = ~np.isnan(got)
@@ -172,7 +173,7 @@ def test_encode_round_to_nearest_even(dtype):
                                      0x7F7FFFFF], np.uint32)])
     vals = bits.view(np.float32)
     out = np.empty(vals.size * (2 if dtype == "F32" else 1), np.uint16)
-    K.encode(vals, FLOAT_CODES[dtype], out)
+    codec.encode(vals, FLOAT_CODES[dtype], out)
     ref = encode_ref(vals, dtype)
     nan = np.isnan(vals)
     if dtype == "F32":
@@ -187,7 +188,7 @@ def test_encode_round_to_nearest_even(dtype):
 def test_decode_encode_property(values, dtype):
     vals = np.array(values, np.float32)
     out = np.empty(vals.size * (2 if dtype == "F32" else 1), np.uint16)
-    K.encode(vals, FLOAT_CODES[dtype], out)
+    codec.encode(vals, FLOAT_CODES[dtype], out)
     assert np.array_equal(out, encode_ref(vals, dtype))
-    assert np.array_equal(K.decode(out, FLOAT_CODES[dtype], vals.size).view(np.uint32),
+    assert np.array_equal(codec.decode(out, FLOAT_CODES[dtype], vals.size).view(np.uint32),
                           decode_ref(out, dtype).view(np.uint32))

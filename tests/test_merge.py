@@ -53,8 +53,9 @@ def assert_matches(out: str, exp: dict[str, np.ndarray]) -> None:
 
 @pytest.mark.parametrize("method", ["cabs", "task_arithmetic"])
 def test_merge_equals_reference(family, tmp_path, method):
+    nm = dict(n=3, m=8, pruning_order=[family["ft3"], family["ft1"], family["ft2"]]) if method == "cabs" else {}
     cfg = build_config(method=method, base=family["base"], models=[family["ft1"], family["ft2"], family["ft3"]],
-                       weights=[1.2, 1.0, 0.7], n=3, m=8, pruning_order=[family["ft3"], family["ft1"], family["ft2"]])
+                       weights=[1.2, 1.0, 0.7], **nm)
     out = str(tmp_path / "out")
     res = merge(cfg, out, chunk_size=16)
     assert_matches(out, expected(family, ["ft1", "ft2", "ft3"], [1.2, 1.0, 0.7], method=method, order=[2, 0, 1]))
@@ -171,7 +172,7 @@ def test_report_overlap_and_balance_by_hand(tmp_path_factory):
 def test_progress_lines_when_not_a_terminal(family, tmp_path):
     import io
 
-    from cabs_stream.progress import MergeProgress
+    from cabs_stream.report.progress import MergeProgress
     stream = io.StringIO()
     cfg = build_config(base=family["base"], models=[family["ft1"], family["ft2"]], n=3, m=8)
     from cabs_stream import pipeline

@@ -4,6 +4,7 @@ chunking, workers and scheduler (including DARE's counter-based randomness)."""
 from __future__ import annotations
 
 import zlib
+from typing import NamedTuple
 
 import numpy as np
 import pytest
@@ -21,10 +22,27 @@ W = [1.2, 0.8, 0.5]
 D = [0.3, 0.5, 0.7]
 
 
+class Spec(NamedTuple):
+    """What each method does, as the test reads mergekit and the paper (independent of the code)."""
+    selection: str
+    consensus: bool = False
+    normalize: bool = False
+    rescale: bool = False
+    linear: bool = False
+
+
+SPEC = {
+    "task_arithmetic": Spec("all"), "linear": Spec("all", normalize=True, linear=True),
+    "ties": Spec("magnitude", consensus=True, normalize=True), "dare_linear": Spec("random", rescale=True),
+    "dare_ties": Spec("random", consensus=True, rescale=True), "magnitude": Spec("magnitude"),
+    "random": Spec("random"), "breadcrumbs": Spec("outliers"), "breadcrumbs_ties": Spec("outliers", consensus=True),
+    "bs_only": Spec("nm"),
+}
+
+
 def reference(family, method, *, scope="tensor", seed=0, gamma=0.1, normalize=None, lam=1.0, n=3, m=8,
               exclude=()):
-    from cabs_stream.methods import METHODS
-    spec = METHODS[method]
+    spec = SPEC[method]
     normalize = spec.normalize if normalize is None else normalize
     base = load_model(family["base"])
     fts = [load_model(family[x]) for x in MODELS]
@@ -73,9 +91,13 @@ def reference(family, method, *, scope="tensor", seed=0, gamma=0.1, normalize=No
 
 
 def config(family, method, **params):
+    """The test's settings, keeping only the parameters ``method`` takes (others are errors)."""
     from cabs_stream.config import ModelSpec
-    models = [ModelSpec(family[x], weight=w, density=d) for x, w, d in zip(MODELS, W, D)]
+    from cabs_stream.methods import registry
+    takes = registry.get(method).param
+    models = [ModelSpec(family[x], weight=w, density=d if takes("density") else None) for x, w, d in zip(MODELS, W, D)]
     extra = {k: params.pop(k) for k in ("n", "m", "exclude") if k in params}
+    params = {k: v for k, v in params.items() if takes(k)}
     return build_config(method=method, base=family["base"], models=models, params=params, **extra)
 
 
@@ -115,7 +137,7 @@ def test_identical_across_chunking_and_workers(family, tmp_path, method):
 
 
 def test_dare_seed_changes_result_and_draws_match_reference():
-    from cabs_stream.baseline_kernels import uniforms
+    from cabs_stream.methods.gta_kernels import uniforms
     got = uniforms(7, 1, 12345, 1000, 50)
     assert np.array_equal(got, [uniform_ref(7, 1, 12345, 1000 + j) for j in range(50)])
     assert not np.array_equal(got, uniforms(8, 1, 12345, 1000, 50))
@@ -133,7 +155,7 @@ def test_mergekit_yaml_runs_unchanged(family, tmp_path):
     path.write_text(yaml.safe_dump(doc))
     with pytest.warns(UserWarning, match="int8_mask"):
         cfg = load_config(str(path))
-    assert cfg.model_param("weight", 1, "layer.0.w") == 0.0 and cfg.model_param("weight", 1, "head.weight") == 0.8
+    assert cfg.value("weight", "layer.0.w", 1) == 0.0 and cfg.value("weight", "head.weight", 1) == 0.8
     merge(cfg, str(tmp_path / "out"))
     doc["parameters"]["not_a_key"] = 1
     path.write_text(yaml.safe_dump(doc))
@@ -143,7 +165,7 @@ def test_mergekit_yaml_runs_unchanged(family, tmp_path):
 
 
 def test_published_2024_rules_by_hand():
-    from cabs_stream.published import published_2024
+    from cabs_stream.methods.published import published_2024
     m, n = 4, 3  # n >= m/2: rule 5 (complement plus top m//2 inside the first mask)
     base = np.zeros(10, np.float32)
     t1 = np.array([4, 3, 0, 1, 5, 0, 0, 0, 9, 9], np.float32)  # second group: zeros claimed by topk

@@ -1,24 +1,17 @@
 """Opening checkpoints: Hugging Face folders, sharded or not, and single safetensors files.
 
-A ``Checkpoint`` knows where every tensor lives (file, byte offset, dtype, shape). Tensor
-data is read through per-file read-only memory maps: a chunk is a zero-copy view of the
-mapped words, and ``release`` drops the pages from this process once the chunk is done, so
-resident memory never grows with the model (the page cache keeps them, reclaimably).
+A ``Checkpoint`` knows where every tensor lives (file, byte offset, dtype, shape); the data
+itself is read through the run's memory maps (``inputs.py``).
 """
 
 from __future__ import annotations
 
 import json
-import mmap
 import os
-import threading
 from dataclasses import dataclass, field
 
-import numpy as np
-
 from . import torch_bin
-from .dtypes import ITEMSIZE
-from .errors import CheckpointError
+from ..errors import CheckpointError
 from .safetensors_format import TensorInfo, read_header
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -104,86 +97,3 @@ def _open_indexed(label: str, root: str, index: str) -> Checkpoint:
                                   model=label, file=index, tensor=name)
         tensors[name] = headers[shard][name]
     return Checkpoint(label, root, [os.path.join(root, s) for s in shards], tensors)
-
-
-# ---------------------------------------------------------------------------------------
-# Memory-mapped chunk access (one read-only map per file and process, opened on first use).
-
-_maps: dict[str, mmap.mmap] = {}
-_maps_lock = threading.Lock()
-_PAGE = mmap.PAGESIZE
-
-
-def _map(path: str) -> mmap.mmap:
-    mm = _maps.get(path)
-    if mm is None:
-        with _maps_lock:
-            mm = _maps.get(path)
-            if mm is None:
-                with open(path, "rb") as f:
-                    mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-                _maps[path] = mm
-    return mm
-
-
-def close_maps() -> None:
-    """Unmap every file (called when a merge ends)."""
-    with _maps_lock:
-        for mm in _maps.values():
-            try:
-                mm.close()
-            except BufferError:  # a view is still alive somewhere; the map goes with it
-                pass
-        _maps.clear()
-
-
-def byte_range(info: TensorInfo, start: int, count: int) -> tuple[int, int]:
-    """Absolute byte range of elements ``[start, start + count)`` of a tensor."""
-    size = ITEMSIZE[info.dtype]
-    return info.start + start * size, info.start + (start + count) * size
-
-
-def read_words(info: TensorInfo, start: int, count: int, dtype: np.dtype) -> np.ndarray:
-    """Read-only view of elements ``[start, start+count)`` as ``dtype`` words (zero-copy when aligned)."""
-    a, b = byte_range(info, start, count)
-    mm = _map(info.file)
-    if a % dtype.itemsize == 0:
-        arr = np.frombuffer(mm, dtype=dtype, count=(b - a) // dtype.itemsize, offset=a)
-    else:  # misaligned data (odd-sized tensors before it): copy once into an aligned buffer
-        arr = np.frombuffer(mm[a:b], dtype=dtype).copy()
-        arr.flags.writeable = False
-    return arr
-
-
-def read_chunk(base: TensorInfo, fts: tuple[TensorInfo, ...], start: int, count: int) \
-        -> tuple[np.ndarray, tuple[np.ndarray, ...]]:
-    """Raw 16-bit words of elements [start, start + count) of the base and each fine-tuned tensor."""
-    words = np.dtype(np.uint16)
-    return read_words(base, start, count, words), tuple(read_words(f, start, count, words) for f in fts)
-
-
-def release_chunk(infos: tuple[TensorInfo, ...], start: int, count: int) -> None:
-    """``release`` for every input of a chunk."""
-    for info in infos:
-        release(info, start, count)
-
-
-def prefetch(info: TensorInfo, start: int, count: int) -> None:
-    """Ask the kernel to start reading a chunk's pages now (asynchronous readahead)."""
-    a, b = byte_range(info, start, count)
-    a -= a % _PAGE
-    mm = _map(info.file)
-    b = min(b, len(mm))
-    if b > a:
-        mm.madvise(mmap.MADV_WILLNEED, a, b - a)
-
-
-def release(info: TensorInfo, start: int, count: int) -> None:
-    """Drop the mapped pages of a chunk from this process (the page cache keeps them)."""
-    a, b = byte_range(info, start, count)
-    a -= a % _PAGE
-    b += -b % _PAGE
-    mm = _map(info.file)
-    b = min(b, len(mm))
-    if b > a:
-        mm.madvise(mmap.MADV_DONTNEED, a, b - a)

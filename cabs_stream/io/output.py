@@ -1,20 +1,24 @@
 """The output folder: written under a temporary name, renamed into place only when complete.
 
-Layout while running: ``<parent>/.<name>.cabs-partial/`` holding ``model/`` (the future
-output: preallocated shards with their final headers) and ``state.zarr`` (see state.py).
-On success ``model/`` is completed (index, config and tokenizer files, manifest, report),
-flushed to disk and renamed to ``<name>``.
+Layout while running: ``<parent>/.<name>.cabs-partial/`` holding ``lock`` (held by the run
+that writes there), ``model/`` (the future output: preallocated shards with their final
+headers) and ``state.zarr`` (the resume record, ``run/workstate.py``). On success ``model/``
+is completed (index, config and tokenizer files, manifest, report), flushed to disk and
+renamed to ``<name>``.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
+import threading
+import time
 
+from ..errors import OutputError
+from ..plan import Plan
 from .checkpoint import INDEX_NAME
-from .errors import OutputError
-from .plan import Plan
 
 CONFIG_FILES = ("config.json", "generation_config.json")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
@@ -37,6 +41,79 @@ def check_output(out_dir: str, inputs: list[str], overwrite: bool) -> None:
             raise OutputError(f"output folder {out_dir} is inside input {p}; choose a folder outside the inputs")
     if os.path.exists(out_dir) and not overwrite:
         raise OutputError(f"output folder {out_dir} already exists; pass --overwrite to replace it")
+
+
+class WorkLock:
+    """An exclusive ``flock`` on the work folder for the whole run. The kernel drops it when
+    the process ends, so a killed run never blocks the rerun."""
+
+    def __init__(self, work: str, out_dir: str) -> None:
+        os.makedirs(work, exist_ok=True)
+        path = os.path.join(work, "lock")
+        self.fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(self.fd, 200, 0).decode("utf-8", "replace").strip() or "another run"
+            os.close(self.fd)
+            raise OutputError(f"output folder {out_dir} is being written by {holder}; wait for that run to "
+                              "finish or stop it, then rerun (it resumes)") from None
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, f"process {os.getpid()} (started {time.strftime('%Y-%m-%d %H:%M:%S')})".encode(), 0)
+
+    def release(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def remove_if_empty(work: str) -> None:
+    """Remove a work folder that holds nothing resumable (only the lock of a run that failed early)."""
+    try:
+        if set(os.listdir(work)) <= {"lock"}:
+            shutil.rmtree(work, ignore_errors=True)
+    except FileNotFoundError:
+        pass
+
+
+class ShardFiles:
+    """The output shards of a run, opened for positioned writes on first use (per process)."""
+
+    def __init__(self, paths: list[str]) -> None:
+        self.paths = paths
+        self._fds: dict[int, int] = {}
+        self._lock = threading.Lock()
+
+    def _fd(self, shard: int) -> int:
+        fd = self._fds.get(shard)
+        if fd is None:
+            with self._lock:
+                fd = self._fds.get(shard)
+                if fd is None:
+                    fd = self._fds[shard] = os.open(self.paths[shard], os.O_WRONLY)
+        return fd
+
+    def write(self, shard: int, data: memoryview, offset: int) -> None:
+        """Write all of ``data`` at ``offset`` of shard ``shard``."""
+        fd = self._fd(shard)
+        try:
+            while data:
+                n = os.pwrite(fd, data, offset)
+                data, offset = data[n:], offset + n
+        except OSError as e:
+            raise OutputError(f"cannot write {self.paths[shard]}: {e.strerror}") from None
+
+    def close(self) -> None:
+        with self._lock:
+            for fd in self._fds.values():
+                os.close(fd)
+            self._fds.clear()
+
+    def __getstate__(self) -> dict:
+        return {"paths": self.paths}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["paths"])
 
 
 def preallocate(plan: Plan, model_dir: str, resume: bool) -> list[str]:
@@ -100,13 +177,14 @@ def finish(plan: Plan, model_dir: str, out_dir: str, extra_json: dict[str, objec
 
 
 def flush(model_dir: str) -> None:
-    """fsync every file of the output folder (the shards are the bulk: done before the report)."""
-    for name in os.listdir(model_dir):
-        fd = os.open(os.path.join(model_dir, name), os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+    """fsync every file and folder of the output (the shards are the bulk: done before the report)."""
+    for root, dirs, files in os.walk(model_dir, topdown=False):
+        for name in [*files, *dirs, ""]:
+            fd = os.open(os.path.join(root, name) if name else root, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
 
 
 def _write_json(path: str, obj: object) -> None:

@@ -15,6 +15,9 @@ import math
 import numpy as np
 
 
+_POPCOUNT = np.array([bin(i).count("1") for i in range(256)], np.uint8)  # set bits per byte
+
+
 def width(k: int) -> int:
     return 3 * k + k * k + 6 * k
 
@@ -30,7 +33,7 @@ def _counts_per_segment(masks: np.ndarray, first: int, count: int, seg: int) -> 
         return np.zeros((k, 0), np.int64)
     if first % 8 == 0 and seg % 8 == 0:
         bytes_ = masks[:, first // 8: (first + count * seg) // 8]
-        return np.bitwise_count(bytes_).reshape(k, count, seg // 8).sum(axis=2, dtype=np.int64)
+        return _POPCOUNT[bytes_].reshape(k, count, seg // 8).sum(axis=2, dtype=np.int64)
     bits = np.unpackbits(masks, axis=1, bitorder="little")[:, first: first + count * seg]
     return bits.reshape(k, count, seg).sum(axis=2, dtype=np.int64)
 

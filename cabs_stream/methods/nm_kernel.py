@@ -2,8 +2,7 @@
 
 Everything a chunk needs happens in ``merge_chunk``, one group of m elements at a time, in
 scratch buffers of O(k*m) allocated once per call: no per-group allocation and no Python in
-the per-element loop. Inputs are raw little-endian words viewed as ``uint16`` (an fp32
-element is two words), so bf16 needs no torch and fp16/fp32 need no conversion pass.
+the per-element loop. Inputs are raw words (see ``codec``), decoded inline.
 Each kernel has a plain-numpy reference in ``tests/reference.py``.
 
 Speed notes (``benchmarks/kernel_bench.py`` measures them):
@@ -27,7 +26,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from .dtypes import BF16, F16
+from ..codec import BF16, F16, half_to_float_bits, float_bits_to_half, float_bits_to_bfloat
 
 #: Selection modes of ``merge_chunk``.
 KEEP_ALL = 0  # task arithmetic: every non-zero entry of every task vector
@@ -40,94 +39,6 @@ _ABS = _U32(0x7FFFFFFF)
 _EXP = _U32(0x7F800000)
 _ONES = _U64(0x0101010101010101)
 _PAD = 8  # zero flags kept on both sides of a group's flags, for byte packing
-
-
-# --------------------------------------------------------------------------- decoding
-@njit(inline="always")
-def _half_bits(h):
-    """IEEE binary16 bits -> float32 bits (exact), branch-free (selects) so that loops vectorize."""
-    h = _U32(h)
-    sign = _U32((h & _U32(0x8000)) << _U32(16))
-    exp = (h >> _U32(10)) & _U32(0x1F)
-    mant = h & _U32(0x3FF)
-    sub = np.float32(np.float32(mant) * np.float32(5.9604644775390625e-08)).view(_U32)
-    big = _U32(0x7F800000) if exp == _U32(31) else _U32((exp + _U32(112)) << _U32(23))
-    norm = _U32(big | (mant << _U32(13)))
-    return _U32((sub if exp == _U32(0) else norm) | sign)
-
-
-@njit(inline="always")
-def load(words, code, i):
-    """Element ``i`` of a raw word buffer holding ``code`` data, as float32."""
-    if code == BF16:
-        return _U32(_U32(words[i]) << _U32(16)).view(np.float32)
-    if code == F16:
-        return _U32(_half_bits(words[i])).view(np.float32)
-    return _U32(_U32(words[2 * i]) | (_U32(words[2 * i + 1]) << _U32(16))).view(np.float32)
-
-
-@njit(inline="always")
-def float_to_bfloat(bits):
-    """float32 bits -> bfloat16 bits, round to nearest even; NaN stays a quiet NaN."""
-    if (bits & _ABS) > _EXP:
-        return _U16((bits >> _U32(16)) | _U32(0x40))
-    return _U16((bits + _U32(0x7FFF) + ((bits >> _U32(16)) & _U32(1))) >> _U32(16))
-
-
-@njit(inline="always")
-def _half_from_bits(f):
-    """float32 bits -> binary16 bits, round to nearest even (numpy's algorithm), computed
-    branch-free (every case, then selects) so that loops vectorize."""
-    f = _U32(f)
-    h_sgn = _U32((f & _U32(0x80000000)) >> _U32(16))
-    f_exp = _U32(f & _EXP)
-    mant = _U32(f & _U32(0x007FFFFF))
-    # overflow / inf / nan
-    nan = _U32(_U32(0x7C00) + (mant >> _U32(13)))
-    nan = _U32(nan + _U32(nan == _U32(0x7C00)))
-    big = nan if (f_exp == _EXP and mant != _U32(0)) else _U32(0x7C00)
-    # subnormal result (shift clamped to stay defined; the case is selected away otherwise)
-    e = _U32(f_exp >> _U32(23))
-    sh = _U32(min(max(np.int64(113) - np.int64(e), np.int64(0)), np.int64(31)))
-    s_sig = _U32((_U32(0x00800000) + mant) >> sh)
-    s_sig = _U32(s_sig + _U32(0x1000) * _U32(((s_sig & _U32(0x3FFF)) != _U32(0x1000))
-                                             | ((f & _U32(0x7FF)) != _U32(0))))
-    sub = _U32(s_sig >> _U32(13)) if f_exp >= _U32(0x33000000) else _U32(0)
-    # normal result
-    h_exp = _U32((f_exp - _U32(0x38000000)) >> _U32(13))
-    n_sig = _U32(mant + _U32(0x1000) * _U32((mant & _U32(0x3FFF)) != _U32(0x1000)))
-    norm = _U32(h_exp + (n_sig >> _U32(13)))
-    r = big if f_exp >= _U32(0x47800000) else (sub if f_exp <= _U32(0x38000000) else norm)
-    return _U16(h_sgn + r)
-
-
-@njit(inline="always")
-def store(out, code, i, v):
-    """Write float32 ``v`` as element ``i`` of a raw word buffer holding ``code`` data."""
-    bits = np.float32(v).view(_U32)
-    if code == BF16:
-        out[i] = float_to_bfloat(bits)
-    elif code == F16:
-        out[i] = _half_from_bits(bits)
-    else:
-        out[2 * i] = _U16(bits & _U32(0xFFFF))
-        out[2 * i + 1] = _U16(bits >> _U32(16))
-
-
-@njit(nogil=True, cache=True)
-def decode(words, code, count):
-    """Raw words -> float32 array of ``count`` elements."""
-    res = np.empty(count, np.float32)
-    for i in range(count):
-        res[i] = load(words, code, i)
-    return res
-
-
-@njit(nogil=True, cache=True)
-def encode(values, code, out):
-    """float32 array -> raw words of ``code`` data written into ``out``."""
-    for i in range(values.shape[0]):
-        store(out, code, i, values[i])
 
 
 # --------------------------------------------------------------------------- group steps
@@ -160,7 +71,7 @@ def _task_vector(words, code, g0, g, b, taus, keys, i):
     elif code == F16:
         o = _U64(g0)
         for j in range(g):
-            t = _U32(_half_bits(words[o + _U64(j)])).view(np.float32) - b[j]
+            t = _U32(half_to_float_bits(words[o + _U64(j)])).view(np.float32) - b[j]
             a = _magnitude(t)
             taus[i, j] = t
             keys[i, j] = a
@@ -190,7 +101,7 @@ def _load_group(words, code, g0, g, b):
     elif code == F16:
         o = _U64(g0)
         for j in range(g):
-            b[j] = _U32(_half_bits(words[o + _U64(j)])).view(np.float32)
+            b[j] = _U32(half_to_float_bits(words[o + _U64(j)])).view(np.float32)
     else:
         o = _U64(2 * g0)
         for j in range(g):
@@ -206,12 +117,12 @@ def _store_group(out, code, g0, g, b, acc, anyk):
         o = _U64(g0)
         for j in range(g):
             v = b[j] + acc[j] if anyk[j] != 0 else b[j]
-            out[o + _U64(j)] = float_to_bfloat(np.float32(v).view(_U32))
+            out[o + _U64(j)] = float_bits_to_bfloat(np.float32(v).view(_U32))
     elif code == F16:
         o = _U64(g0)
         for j in range(g):
             v = b[j] + acc[j] if anyk[j] != 0 else b[j]
-            out[o + _U64(j)] = _half_from_bits(np.float32(v).view(_U32))
+            out[o + _U64(j)] = float_bits_to_half(np.float32(v).view(_U32))
     else:
         o = _U64(2 * g0)
         for j in range(g):

@@ -14,8 +14,8 @@ import os
 import struct
 from dataclasses import dataclass
 
-from .dtypes import ITEMSIZE
-from .errors import CheckpointError
+from ..codec import ITEMSIZE
+from ..errors import CheckpointError
 
 #: Same cap as the reference implementation: larger headers are refused.
 MAX_HEADER_BYTES = 100_000_000

@@ -18,9 +18,11 @@ from typing import Any
 import numpy as np
 import zarr
 
-from .config import MergeConfig, ModelSpec
-from .errors import ConfigError
-from .pipeline import run
+from ..config import MergeConfig, ModelSpec, build_config
+from ..methods import registry
+from ..errors import ConfigError
+from ..pipeline import run
+from ..run.workstate import MASKS_NAME
 
 ANALYSIS_METHODS = {"magnitude": "magnitude", "random": "random", "cabs": "cabs", "bs_only": "bs_only",
                     "ca_only": "ca_only", "ties": "ties", "dare_ties": "dare_ties"}
@@ -28,18 +30,29 @@ _LAYER = re.compile(r"layers?\.(\d+)\.")
 
 
 def variant(cfg: MergeConfig, method: str, sparsity: float) -> MergeConfig:
-    """The configuration of one (method, sparsity) point."""
+    """The configuration of one (method, sparsity) point: the same models and weights, the
+    method's sparsity parameter (n of m, or density), and every other parameter of ``cfg``
+    that the method also takes."""
+    spec = registry.get(method)
     density = 1.0 - sparsity
-    n = max(1, round(cfg.m * density))
-    models = tuple(ModelSpec(s.path, s.weight, density, s.gamma) for s in cfg.models)
-    shared = {k: v for k, v in cfg.shared.items() if k not in ("density", "variant")}
-    return replace(cfg, method=method, n=n, models=models, shared=shared)
+    m = int(cfg.value("m", default=256))
+    params = {k: v for k, v in cfg.params.items()
+              if spec.param(k) and k not in ("n", "m", "sparsity", "density", "variant", "pruning_order")}
+    if spec.param("n"):
+        params.update(n=max(1, round(m * density)), m=m)
+    if spec.param("density"):
+        params["density"] = density
+    if spec.param("pruning_order") and cfg.spec.param("pruning_order"):
+        params["pruning_order"] = [cfg.models[i].path for i in cfg.order]
+    models = [ModelSpec(s.path, {"weight": s.get("weight")} if spec.param("weight") else None) for s in cfg.models]
+    return build_config(method=method, base=cfg.base, models=models, params=params, dtype=cfg.dtype,
+                        allow_missing=cfg.allow_missing, exclude=list(cfg.exclude))
 
 
-def heatmap(state_path: str, tensor: str, shape: tuple[int, ...], model: int, bins: int = 64) -> np.ndarray:
+def heatmap(masks_path: str, tensor: str, shape: tuple[int, ...], model: int, bins: int = 64) -> np.ndarray:
     """Kept fraction per cell of a (bins x bins) grid over a 2-D tensor, from its packed mask."""
     rows, cols = shape[0], int(np.prod(shape[1:]))
-    arr = zarr.open_group(state_path, mode="r")["masks"][tensor]
+    arr = zarr.open_group(masks_path, mode="r")[tensor]
     rb, cb = min(bins, rows), min(bins, cols)
     r_edges = np.linspace(0, rows, rb + 1).astype(int)
     c_edges = np.linspace(0, cols, cb + 1).astype(int)
@@ -100,7 +113,7 @@ def analyze(cfg: MergeConfig, out_dir: str, methods: list[str], sparsities: list
                 results["points"].append(point)
                 if s == sparsities[len(sparsities) // 2]:
                     shape = next(t.shape for t in plan.tensors if t.name == shown)
-                    heat[method] = heatmap(os.path.join(wd, "state.zarr"), shown, shape, 0)
+                    heat[method] = heatmap(os.path.join(wd, MASKS_NAME), shown, shape, 0)
                 shutil.rmtree(wd, ignore_errors=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -12,7 +12,7 @@ import hashlib
 import json
 import os
 
-from .errors import CheckpointError
+from ..errors import CheckpointError
 from .safetensors_format import build_header
 
 BIN_INDEX = "pytorch_model.bin.index.json"

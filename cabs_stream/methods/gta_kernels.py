@@ -1,10 +1,11 @@
-"""Numba kernels of the baseline methods (magnitude, DARE, TIES, breadcrumbs, linear, BS-only).
+"""Numba kernels of generalized task arithmetic (TIES, DARE, DELLA, magnitude, breadcrumbs...).
 
-A chunk is decoded into float32 task vectors, each task vector is pruned by one selection
-(a threshold found beforehand by thresholds.py, a per-row top-k, a counter-based random
-draw, or all non-zero entries), and the kept values are combined with mergekit's formula
-(weights, optional TIES sign election, optional normalization, lambda). Plain-numpy
-references live in tests/reference.py. CABS itself runs in the fused kernel in kernels.py.
+A chunk is decoded into float32 task vectors (``codec.decode_chunk``), each task vector is
+pruned by one selection (a threshold found beforehand by ``thresholds.py``, a per-row top-k,
+a counter-based random draw, DELLA's rank-based draw, or all non-zero entries), and the kept
+values are combined with mergekit's formula (weights, optional TIES sign election, optional
+normalization, lambda). Plain-numpy references live in tests/reference.py. CABS and plain
+task arithmetic run in the fused kernel (``nm_kernel.py``).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from .kernels import load, store
+from ..codec import store
 
 SEL_ALL, SEL_TOP, SEL_BAND, SEL_ROW, SEL_RANDOM, SEL_MASK = 0, 1, 2, 3, 4, 5
 
@@ -20,50 +21,6 @@ _U32 = np.uint32
 _U64 = np.uint64
 _ABS = _U32(0x7FFFFFFF)
 _EXP = _U32(0x7F800000)
-
-
-@njit(nogil=True, cache=True)
-def decode_chunk(base, base_code, fts, codes, count, b, vals, values):
-    """b[j] = base element j; vals[i, j] = task vector i (or, if ``values``, model i's weight)."""
-    for j in range(count):
-        b[j] = load(base, base_code, j)
-    for i in range(len(fts)):
-        w = fts[i]
-        c = codes[i]
-        for j in range(count):
-            v = load(w, c, j)
-            vals[i, j] = v if values else v - b[j]
-
-
-@njit(nogil=True, cache=True)
-def abs_keys(taus, i, count, keys):
-    """keys[j] = |taus[i, j]| as float32 bits (integer order = magnitude order; 0 for +-0)."""
-    for j in range(count):
-        keys[j] = np.float32(taus[i, j]).view(_U32) & _ABS
-
-
-@njit(nogil=True, cache=True)
-def hist_high(keys, hist):
-    """hist[key >> 16] += 1 for every non-zero key."""
-    for j in range(keys.shape[0]):
-        if keys[j] != 0:
-            hist[keys[j] >> 16] += 1
-
-
-@njit(nogil=True, cache=True)
-def hist_low(keys, high, hist):
-    """hist[key & 0xFFFF] += 1 for every non-zero key whose top 16 bits equal ``high``."""
-    for j in range(keys.shape[0]):
-        if keys[j] != 0 and (keys[j] >> 16) == high:
-            hist[keys[j] & 0xFFFF] += 1
-
-
-@njit(nogil=True, cache=True)
-def count_equal(keys, value):
-    c = 0
-    for j in range(keys.shape[0]):
-        c += keys[j] == value
-    return c
 
 
 @njit(inline="always")
@@ -143,6 +100,27 @@ def select(taus, i, count, mode, t_lo, b_lo, t_hi, b_hi, cols, row_k, density, s
             elif mode == SEL_BAND and key == t_hi:
                 eq_hi += 1
         keep[i, j] = 1 if k else 0
+
+
+@njit(nogil=True, cache=True)
+def della_select(taus, i, count, cols, density, epsilon, rescale, seed, model, tensor_key, start, keep):
+    """DELLA's MAGPRUNE on task vector i: in each row of ``cols`` elements, rank r = 0..cols-1
+    by |tau| ascending (ties: lower index first), keep probability
+    p = density - epsilon + 2 * epsilon * r / (cols - 1) (p = density for a one-element row),
+    keep where uniform(seed, model, tensor, start + j) < p and tau != 0; with ``rescale`` a kept
+    value becomes float32(tau / p) (computed in float64)."""
+    keys = np.empty(cols, np.int64)
+    for r0 in range(0, count, cols):
+        for j in range(cols):
+            keys[j] = np.int64(np.float32(taus[i, r0 + j]).view(_U32) & _ABS)
+        order = np.argsort(keys, kind="mergesort")  # stable: ties rank the lower index first
+        for rank in range(cols):
+            j = order[rank]
+            p = density if cols == 1 else (density - epsilon) + 2.0 * epsilon * rank / (cols - 1)
+            kept = keys[j] != 0 and uniform(seed, model, tensor_key, start + r0 + j) < p
+            keep[i, r0 + j] = 1 if kept else 0
+            if kept and rescale:
+                taus[i, r0 + j] = np.float32(np.float64(taus[i, r0 + j]) / p)
 
 
 @njit(nogil=True, cache=True)

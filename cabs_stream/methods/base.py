@@ -1,0 +1,167 @@
+"""The interface every merge method implements, and the few types it speaks in.
+
+A method is one object (usually one module) that declares
+
+* ``params``: its parameters (name, kind, default, per model or global). This one schema
+  validates YAML files and keyword arguments, generates the CLI flags and their ``--help``;
+* ``needs(cfg)``: what the plan must provide (whole rows in a chunk, a tensor-level pass
+  before the merge, scratch bytes per element in flight), feeding the one memory model;
+* ``prepare(cfg, tensor)``: per-tensor parameters (filter lists resolved), computed once;
+* ``prepass(run, tensor, chunks, prep)``: optional tensor-level statistics (exact thresholds,
+  dot products) computed by streaming over the tensor's chunks before its merge;
+* ``merge_chunk(run, chunk)``: the chunk function: decoded inputs in, merged words, packed
+  masks and counts out. It must depend only on the chunk's own elements (and the prepass),
+  so the output never depends on chunking, workers or scheduler.
+
+``registry.py`` maps ``merge_method`` names to methods; nothing else dispatches on a name.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable
+
+import numpy as np
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..config import MergeConfig
+    from ..plan import TensorJob
+    from ..run.context import RunContext
+
+
+@dataclass(frozen=True)
+class Param:
+    """One parameter of a method.
+
+    kind: ``float``, ``int``, ``bool``, ``choice`` (one of ``choices``) or ``models`` (a list
+    naming every listed model once, e.g. a pruning order). ``per_model`` parameters may be
+    given per model (``models[].parameters``) and as a global default (``parameters``).
+    Float and int values may be mergekit filter lists (``[{filter: ..., value: ...}]``)
+    unless ``filterable`` is false.
+    """
+
+    name: str
+    kind: str
+    default: Any
+    help: str
+    per_model: bool = False
+    lo: float | None = None
+    hi: float | None = None
+    choices: tuple[str, ...] = ()
+    filterable: bool = True
+
+
+# Parameters shared by several methods (one definition, reused).
+WEIGHT = Param("weight", "float", 1.0, "lambda: scale of this model's task vector", per_model=True)
+DENSITY = Param("density", "float", 1.0, "fraction of each task vector kept", per_model=True, lo=0.0, hi=1.0)
+NORMALIZE = Param("normalize", "bool", False, "divide the merged task vector by the sum of the weights")
+RESCALE = Param("rescale", "bool", True, "DARE/DELLA: divide kept values by their keep probability")
+LAMBDA = Param("lambda", "float", 1.0, "global scale of the merged task vector")
+SEED = Param("random_seed", "int", 0, "seed of the counter-based random draws (reproducible for any chunking)",
+             lo=0, hi=2**63 - 1, filterable=False)
+INT8_MASK = Param("int8_mask", "bool", False, "mergekit memory option; accepted and ignored (masks are always "
+                  "bit-packed here)", filterable=False)
+
+
+@dataclass(frozen=True)
+class Needs:
+    """What a method asks of the plan and the memory model."""
+
+    whole_rows: bool = False  # every chunk holds whole rows (per-row selection)
+    prepass: bool = False  # run ``prepass`` per tensor before its chunks
+    global_thresholds: bool = False  # thresholds over all tensors together (scope: global)
+    scratch_bytes: float = 0.0  # bytes per chunk element held in scratch while a chunk runs
+
+
+@dataclass
+class Chunk:
+    """What a chunk function sees: raw input words, and the buffers it fills.
+
+    ``base`` and ``fts[i]`` are raw uint16 words of elements [start, start + count) of the
+    tensor (``codes`` give each one's dtype). The function writes the merged raw words into
+    ``out``, the kept positions into ``masks[i]`` (zeroed, bit j of byte j // 8,
+    little-endian) and adds to ``stats``: kept_i, nonzero_i, nonfinite_i (k each), then
+    kept-by-both for i < l in a k x k block.
+    """
+
+    index: int  # in the plan's chunk list
+    ordinal: int  # position among its tensor's chunks
+    tensor: "TensorJob"
+    start: int
+    count: int
+    base: np.ndarray
+    base_code: int
+    fts: tuple[np.ndarray, ...]
+    codes: np.ndarray
+    out: np.ndarray
+    out_code: int
+    masks: np.ndarray
+    stats: np.ndarray
+    prep: Any  # the method's per-tensor parameters (``prepare``)
+    pre: Any  # the result of the tensor's ``prepass`` (None without one)
+    scratch: Callable[[str, tuple[int, ...], Any], np.ndarray] = field(repr=False, default=None)
+
+    @property
+    def k(self) -> int:
+        return len(self.fts)
+
+
+class Method:
+    """Base class: a method overrides ``params``, ``merge_chunk`` and what it needs of the rest."""
+
+    name: str = ""
+    summary: str = ""  # one line for --help and the README
+    paper: str = ""  # link shown in the model card
+    params: tuple[Param, ...] = ()
+    needs_base: bool = True  # merges task vectors against a base
+
+    def param(self, name: str) -> Param | None:
+        return next((p for p in self.params if p.name == name), None)
+
+    def resolve(self, params: dict[str, Any], k: int) -> dict[str, Any]:
+        """Cross-parameter validation and derived values (raise ConfigError) for ``k`` models;
+        single values were already checked against their ``Param``."""
+        return params
+
+    def needs(self, cfg: "MergeConfig") -> Needs:
+        return Needs()
+
+    def prepare(self, cfg: "MergeConfig", tensor: "TensorJob") -> Any:
+        """Per-tensor parameters (default: the weights as float32)."""
+        return weights(cfg, tensor)
+
+    def prepass(self, run: "RunContext", tensor: int, chunks: list[int], prep: Any) -> Any:
+        """Tensor-level statistics before the merge (only when ``needs().prepass``)."""
+        return None
+
+    def merge_chunk(self, run: "RunContext", chunk: Chunk) -> None:  # pragma: no cover
+        raise NotImplementedError
+
+    # Methods whose needs() declare global_thresholds also define
+    #   threshold_keys(run, chunk_index) -> (rows, count) uint32 keys, and
+    #   global_ranks(cfg, plan, tensors) -> [(K_lo, K_hi)] per row.
+
+    def describe(self, cfg: "MergeConfig") -> dict[str, Any]:
+        """Extra entries for the manifest (the derived values a user wants to see)."""
+        return {}
+
+
+def weights(cfg: "MergeConfig", tensor: "TensorJob") -> np.ndarray:
+    """The weight (lambda) of every model for one tensor, float32."""
+    return np.array([cfg.value("weight", tensor.name, i, 1.0) for i in range(len(cfg.models))], np.float32)
+
+
+def top_count(density: float, n: int) -> int:
+    """mergekit's magnitude count: everything at density >= 1, nothing at <= 0, else
+    max(1, int(density * n))."""
+    if density >= 1:
+        return n
+    if density <= 0 or n == 0:
+        return 0
+    return max(1, int(density * n))
+
+
+def row_length(shape: tuple[int, ...]) -> int:
+    """Elements per row: the last dimension (a 1-D tensor is one row)."""
+    return shape[-1] if len(shape) >= 2 else max(math.prod(shape), 1)

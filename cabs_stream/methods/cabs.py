@@ -1,0 +1,121 @@
+"""CABS (ICML 2025): balanced n:m sparsification with conflict-aware, sequential pruning.
+
+Each task vector keeps its n largest |tau| in every group of m consecutive elements; task
+vectors are pruned in ``pruning_order``, each among the positions no earlier one kept
+(``overlap: fill`` tops a short group up from used positions, ``strict`` keeps fewer). The
+whole chunk runs in the fused kernel (``nm_kernel.merge_chunk``). ``variant:
+published-2024`` reproduces the authors' 2024 scripts instead (``published.py``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from ..codec import decode_chunk, encode
+from ..errors import ConfigError
+from . import nm_kernel
+from .base import WEIGHT, Chunk, Method, Needs, Param, weights
+from .published import published_2024
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..config import MergeConfig
+    from ..plan import TensorJob
+    from ..run.context import RunContext
+
+N = Param("n", "int", 64, "weights kept in every group of m", filterable=False)
+M = Param("m", "int", 256, "group size: n of every m consecutive weights are kept", filterable=False)
+SPARSITY = Param("sparsity", "float", None, "fraction dropped; sets n = round(m * (1 - sparsity))",
+                 filterable=False)
+OVERLAP = Param("overlap", "choice", "fill", "a group with fewer than n free non-zero positions: fill tops up "
+                "from used positions (paper Alg. 2), strict keeps fewer (Alg. 1)", choices=("fill", "strict"))
+ORDER = Param("pruning_order", "models", None, "the order task vectors are pruned in (default: listed order)",
+              filterable=False)
+VARIANT = Param("variant", "choice", "paper", "published-2024 reproduces the authors' 2024 scripts (fp16, two "
+                "models)", choices=("paper", "published-2024"))
+MAX_M = 1 << 20
+
+
+def resolve_nm(params: dict[str, Any]) -> dict[str, Any]:
+    """n and m from n/m/sparsity (n = round(m * (1 - sparsity))), validated."""
+    m = params.get("m", M.default)
+    if not 1 <= m <= MAX_M:
+        raise ConfigError(f"m must be at least 1 (and at most {MAX_M}), got {m}")
+    if params.get("sparsity") is not None:
+        s = params.pop("sparsity")
+        if params.get("n") is not None:
+            raise ConfigError("give either n or sparsity, not both")
+        if not 0 <= s < 1:
+            raise ConfigError(f"sparsity must be in [0, 1), got {s}")
+        params["n"] = round(m * (1 - s))
+        if params["n"] < 1:
+            raise ConfigError(f"sparsity {s} keeps no weight in a group of m={m}; lower it or raise m")
+    n = params.get("n", N.default)
+    if not 1 <= n <= m:
+        raise ConfigError(f"n must be between 1 and m={m}, got {n}")
+    params["n"], params["m"] = n, m
+    return params
+
+
+def tail_quota(n: int, m: int, count: int) -> int:
+    """Quota of a chunk's final short group of count % m elements: floor(n * r / m + 1/2)."""
+    return (2 * n * (count % m) + m) // (2 * m)
+
+
+@dataclass(frozen=True)
+class CabsParams:
+    weight: np.ndarray
+    order: np.ndarray
+    n: int
+    m: int
+    fill: bool
+    published: bool
+
+
+class Cabs(Method):
+    name = "cabs"
+    summary = "n:m balanced selection with conflict-aware exclusion (the CABS paper)"
+    paper = "https://arxiv.org/abs/2503.01874"
+    params = (WEIGHT, N, M, SPARSITY, OVERLAP, ORDER, VARIANT)
+
+    def resolve(self, params: dict[str, Any], k: int) -> dict[str, Any]:
+        params = resolve_nm(params)
+        if params.get("variant") == "published-2024" and k != 2:
+            raise ConfigError("variant published-2024 merges exactly two models, as the published scripts did")
+        return params
+
+    def needs(self, cfg: "MergeConfig") -> Needs:
+        published = cfg.value("variant") == "published-2024"
+        return Needs(scratch_bytes=(16 + 8 * len(cfg.models)) if published else 0.0)
+
+    def prepare(self, cfg: "MergeConfig", t: "TensorJob") -> CabsParams:
+        return CabsParams(weights(cfg, t), np.array(cfg.order, np.int64), cfg.n, cfg.m,
+                          cfg.value("overlap") == "fill", cfg.value("variant") == "published-2024")
+
+    def merge_chunk(self, run: "RunContext", c: Chunk) -> None:
+        p: CabsParams = c.prep
+        if not p.published:
+            nm_kernel.merge_chunk(c.base, c.base_code, c.fts, c.codes, p.weight, p.order, c.count, p.n, p.m,
+                                  tail_quota(p.n, p.m, c.count), nm_kernel.NM_CA, p.fill, c.out, c.out_code,
+                                  c.masks, c.stats)
+            return
+        k = c.k
+        b = c.scratch("b", (c.count,), np.float32)
+        vals = c.scratch("vals", (k, c.count), np.float32)
+        decode_chunk(c.base, c.base_code, c.fts, c.codes, c.count, b, vals, True)
+        res, kept = published_2024(b, vals, p.weight, p.n, p.m, tuple(p.order))
+        encode(res, c.out_code, c.out)
+        c.masks[:] = np.packbits(kept, axis=1, bitorder="little")
+        c.stats[:k] = kept.sum(axis=1)
+        c.stats[k:2 * k] = (vals.astype(np.float16) != b.astype(np.float16)).sum(axis=1)
+        c.stats[2 * k:3 * k] = (~np.isfinite(vals)).sum(axis=1)
+        c.stats[3 * k + 1] = (kept[0] & kept[1]).sum()
+
+    def describe(self, cfg: "MergeConfig") -> dict[str, Any]:
+        return {"n": cfg.n, "m": cfg.m, "density": cfg.n / cfg.m, "overlap": cfg.value("overlap"),
+                "pruning_order": [cfg.models[i].path for i in cfg.order]}
+
+
+METHODS = [Cabs()]

@@ -1,0 +1,53 @@
+"""``linear``: the weighted average of the fine-tuned models' weights (not of task vectors).
+
+W = sum_i w_i W_i / sum_i w_i (``normalize``, default true, as in mergekit), accumulated in
+float32 in the models' listed order. The base defines the output's tensors and layout.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from ..codec import decode_chunk
+from . import gta_kernels as GK
+from .base import INT8_MASK, NORMALIZE, WEIGHT, Chunk, Method, Needs, Param, weights
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..config import MergeConfig
+    from ..plan import TensorJob
+    from ..run.context import RunContext
+
+
+@dataclass(frozen=True)
+class LinearParams:
+    weight: np.ndarray
+    normalize: bool
+
+
+class Linear(Method):
+    name = "linear"
+    summary = "sum w_i W_i / sum w_i (a weighted average of the models)"
+    paper = "https://arxiv.org/abs/2203.05482"
+    params = (WEIGHT, Param(NORMALIZE.name, "bool", True, NORMALIZE.help), INT8_MASK)
+
+    def needs(self, cfg: "MergeConfig") -> Needs:
+        return Needs(scratch_bytes=4 + 5 * len(cfg.models))
+
+    def prepare(self, cfg: "MergeConfig", t: "TensorJob") -> LinearParams:
+        return LinearParams(weights(cfg, t), bool(cfg.value("normalize", t.name)))
+
+    def merge_chunk(self, run: "RunContext", c: Chunk) -> None:
+        p: LinearParams = c.prep
+        k = c.k
+        b = c.scratch("b", (c.count,), np.float32)
+        vals = c.scratch("vals", (k, c.count), np.float32)
+        keep = c.scratch("keep", (k, c.count), np.uint8)
+        decode_chunk(c.base, c.base_code, c.fts, c.codes, c.count, b, vals, True)
+        GK.combine(b, vals, keep, p.weight, np.ones(k, np.float32), False, p.normalize, np.float32(1), True,
+                   c.count, c.out, c.out_code, c.masks, c.stats)
+
+
+METHODS = [Linear()]

@@ -1,0 +1,1 @@
+"""What a merge did: per-chunk counts, the report, progress, and ``analyze``."""

@@ -1,0 +1,51 @@
+"""Running a run's graph on the chosen Dask scheduler.
+
+threads (default: the kernels release the GIL), processes (a pool made for this run only; its
+initializer installs the run's context once per worker process, and tasks carry a small
+``ContextRef``) or synchronous. The pool belongs to the run: on success or error it is shut
+down and every task in flight has finished before ``execute`` returns, so no task of a run
+outlives it.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import pickle
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from typing import Any
+
+import dask
+import dask.multiprocessing
+import dask.threaded
+
+from .context import ContextRef, RunContext, install
+
+SCHEDULERS = ("threads", "processes", "synchronous")
+
+
+def reference(run: RunContext, scheduler: str) -> RunContext | ContextRef:
+    """What the graph's tasks carry to reach the run."""
+    return ContextRef(run.token) if scheduler == "processes" else run
+
+
+def execute(run: RunContext, dsk: dict, keys: list, scheduler: str, workers: int,
+            callbacks: tuple = ()) -> list[Any]:
+    """Compute ``keys`` of ``dsk``; returns their results in order."""
+    if not keys:
+        return []
+    cbs = [c._callback for c in callbacks]
+    if scheduler == "synchronous":
+        return list(dask.get(dsk, keys, callbacks=cbs))
+    if scheduler == "threads":
+        pool = ThreadPoolExecutor(workers, thread_name_prefix="cabs-stream")
+        try:
+            return list(dask.threaded.get(dsk, keys, num_workers=workers, pool=pool, callbacks=cbs))
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+    blob = pickle.dumps(run)
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=install,
+                               initargs=(blob,))
+    try:
+        return list(dask.multiprocessing.get(dsk, keys, num_workers=workers, pool=pool, callbacks=cbs))
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
