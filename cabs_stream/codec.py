@@ -53,8 +53,11 @@ def parse_dtype(name: str) -> str:
 
 _U16 = np.uint16
 _U32 = np.uint32
-_ABS = _U32(0x7FFFFFFF)
-_EXP = _U32(0x7F800000)
+#: float32 bits: all but the sign (|x| as an order-preserving key) and the exponent (inf/NaN).
+ABS_BITS = _U32(0x7FFFFFFF)
+EXP_BITS = _U32(0x7F800000)
+_ABS = ABS_BITS
+_EXP = EXP_BITS
 
 
 # --------------------------------------------------------------------------- decoding

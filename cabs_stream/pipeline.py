@@ -56,6 +56,7 @@ def run(cfg: MergeConfig, work: str, *, chunk_size: int | None = None, workers: 
     chunk, workers = engine_settings(cfg, chunk_size, workers, parse_size(memory) if memory is not None else None)
     plan = make_plan(cfg, chunk, parse_size(shard_size), convert_dir=os.path.join(work, "converted"))
     method, needs = cfg.spec, cfg.spec.needs(cfg)
+    prep = [method.prepare(cfg, t) if t.merged else None for t in plan.tensors]
     k = len(cfg.models)
 
     model_dir = os.path.join(work, "model")
@@ -72,7 +73,6 @@ def run(cfg: MergeConfig, work: str, *, chunk_size: int | None = None, workers: 
                                  {"fingerprint": fp, "models": [s.path for s in cfg.models],
                                   "layout": "masks/<tensor>[i, j // 8] bit j % 8 (little-endian) = element j "
                                             "of the flattened tensor kept by model i"})
-    prep = [method.prepare(cfg, t) if t.merged else None for t in plan.tensors]
     t_plan = time.monotonic()
 
     ctx = RunContext(plan, method, prep, shards, state, masks, allow_nonfinite, uuid.uuid4().hex)

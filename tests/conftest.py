@@ -11,9 +11,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from reference import TORCH_DTYPES
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+TORCH_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
 
 
 def to_torch(values: np.ndarray, dtype: str) -> torch.Tensor:

@@ -1,30 +1,28 @@
 """Plain-numpy references of every rule in cabs-algorithm.md, used only by the tests.
 
-Written for clarity, not speed: a loop over groups, ``np.lexsort`` for the tie rule, torch
-(an independent implementation) for bfloat16 rounding.
+Written for clarity, not speed: a loop over groups, ``np.lexsort`` for the tie rule,
+``ml_dtypes`` and numpy (independent implementations) for bfloat16 and float16 rounding.
 """
 
 from __future__ import annotations
 
 import math
 
+import ml_dtypes
 import numpy as np
-import torch
 
-TORCH_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
+NUMPY_DTYPES = {"BF16": ml_dtypes.bfloat16, "F16": np.float16, "F32": np.float32}
 
 
 def decode_ref(raw: np.ndarray, dtype: str) -> np.ndarray:
-    """Raw little-endian words (uint16 view) -> float32, via torch."""
-    data = torch.frombuffer(bytearray(raw.tobytes()), dtype=TORCH_DTYPES[dtype]) if raw.size else torch.empty(0)
-    return data.to(torch.float32).numpy()
+    """Raw little-endian words (uint16 view) -> float32, via ml_dtypes / numpy."""
+    return np.ascontiguousarray(raw, np.uint16).view(NUMPY_DTYPES[dtype]).astype(np.float32)
 
 
 def encode_ref(values: np.ndarray, dtype: str) -> np.ndarray:
-    """float32 -> raw words of ``dtype`` (round to nearest even), via torch, as uint16."""
-    t = torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32)).to(TORCH_DTYPES[dtype])
-    return t.view(torch.int16).numpy().view(np.uint16) if dtype != "F32" else \
-        t.numpy().view(np.uint16)
+    """float32 -> raw words of ``dtype`` (round to nearest even), via ml_dtypes / numpy, as uint16."""
+    with np.errstate(over="ignore", invalid="ignore"):  # overflow to inf and NaN casts are the point
+        return np.ascontiguousarray(values, np.float32).astype(NUMPY_DTYPES[dtype]).view(np.uint16)
 
 
 def tail_quota(n: int, r: int, m: int) -> int:
@@ -172,3 +170,98 @@ def combine_methods_ref(base, vals, keeps, w, scale, consensus=False, normalize=
         mixed = mixed * np.float32(lam)
     anyk = np.logical_or.reduce(keeps)
     return np.where(anyk, base + mixed, base).astype(np.float32)
+
+
+# ---------------------------------------------------------------- della, sce, model_stock
+def sequential_sum(x: np.ndarray) -> float:
+    """Left-to-right float64 sum (the order the streaming statistics use)."""
+    return float(np.cumsum(np.asarray(x, np.float64))[-1]) if np.size(x) else 0.0
+
+
+def della_ref(tau: np.ndarray, cols: int, density: float, epsilon: float, *, seed=0, model=0, tensor_key=0,
+              rescale=True, start=0) -> tuple[np.ndarray, np.ndarray]:
+    """MAGPRUNE on one flat task vector: (kept mask, values after the 1/p rescale)."""
+    keep = np.zeros(tau.size, bool)
+    out = tau.astype(np.float32).copy()
+    for r0 in range(0, tau.size, cols):
+        row = tau[r0:r0 + cols]
+        order = np.lexsort((np.arange(cols), np.abs(row)))  # |tau| ascending, ties: lower index first
+        rank = np.empty(cols, np.int64)
+        rank[order] = np.arange(cols)
+        p = np.full(cols, density) if cols == 1 else (density - epsilon) + 2.0 * epsilon * rank / (cols - 1)
+        u = np.array([uniform_ref(seed, model, tensor_key, start + r0 + j) for j in range(cols)])
+        k = (row != 0) & (u < p)
+        keep[r0:r0 + cols] = k
+        if rescale:
+            out[r0:r0 + cols][k] = (row[k].astype(np.float64) / p[k]).astype(np.float32)
+    return keep, out
+
+
+def variance_ref(tv: np.ndarray) -> np.ndarray:
+    """Population variance over the models (axis 0), float32, two passes in model order."""
+    k = tv.shape[0]
+    s = np.zeros(tv.shape[1], np.float32)
+    for i in range(k):
+        s = s + tv[i]
+    mean = s / np.float32(k)
+    q = np.zeros(tv.shape[1], np.float32)
+    for i in range(k):
+        d = tv[i] - mean
+        q = q + d * d
+    return q / np.float32(k)
+
+
+def sce_ref(base: np.ndarray, fts: list[np.ndarray], topk: float) -> tuple[np.ndarray, list[np.ndarray]]:
+    """mergekit's sce (select by variance, weights by mean square, erase minority signs)."""
+    base = base.astype(np.float32).ravel()
+    tv = np.stack([f.astype(np.float32).ravel() - base for f in fts]).astype(np.float32)
+    k, n = tv.shape
+    if topk < 1:
+        var = variance_ref(tv)
+        sel = top_q(var, np.ones(n, bool), int(np.count_nonzero(var) * max(topk, 0)))
+    else:
+        sel = np.ones(n, bool)
+    tvm = np.where(sel, tv, np.float32(0)).astype(np.float32)
+    ms = np.array([sequential_sum(tvm[i].astype(np.float64) ** 2) for i in range(k)]) / max(n, 1)
+    total = ms.sum()
+    w = (np.full(k, 1.0 / k) if abs(total) < 1e-6 else ms / total).astype(np.float32)
+    s = np.zeros(n, np.float32)
+    for i in range(k):
+        s = s + tvm[i]
+    pos = s >= 0
+    agree = [((tvm[i] > 0) & pos) | ((tvm[i] < 0) & ~pos) for i in range(k)]
+    mixed = np.zeros(n, np.float32)
+    div = np.zeros(n, np.float32)
+    for i in range(k):
+        mixed = mixed + np.where(agree[i], tv[i] * w[i], np.float32(0))
+        div = div + np.where(agree[i], w[i], np.float32(0))
+    anyk = np.logical_or.reduce(agree) & sel
+    res = np.where(anyk, base + mixed / np.maximum(div, np.float32(1e-6)), base).astype(np.float32)
+    return res, agree
+
+
+def model_stock_ref(base: np.ndarray, fts: list[np.ndarray], cols: int | None) -> np.ndarray:
+    """mergekit's model_stock; ``cols``: one ratio per row of that many elements (filter_wise), else per tensor."""
+    base = base.astype(np.float32).ravel()
+    ws = [f.astype(np.float32).ravel() for f in fts]
+    k, n = len(ws), base.size
+    cols = cols or max(n, 1)
+    tv = [w - base for w in ws]
+    t = np.zeros(max(n // cols, 1), np.float32)
+    for r in range(len(t)):
+        seg = slice(r * cols, (r + 1) * cols)
+        norm = [math.sqrt(sequential_sum(tv[i][seg].astype(np.float64) ** 2)) for i in range(k)]
+        cos = []
+        for i in range(k):
+            for j in range(i + 1, k):
+                dot = sequential_sum(tv[i][seg].astype(np.float64) * tv[j][seg].astype(np.float64))
+                cos.append(min(max(dot / max(norm[i] * norm[j], 1e-6), -1.0), 1.0))
+        c = sum(cos) / len(cos)
+        den = 1 + (k - 1) * c
+        t[r] = 0.0 if abs(den) < 1e-6 else k * c / den
+    s = np.zeros(n, np.float32)
+    for w in ws:
+        s = s + w
+    avg = s / np.float32(k)
+    tt = np.repeat(t, cols)[:n] if len(t) > 1 else np.full(n, t[0], np.float32)
+    return (tt * avg + (np.float32(1) - tt) * base).astype(np.float32)

@@ -95,7 +95,8 @@ def config(family, method, **params):
     from cabs_stream.config import ModelSpec
     from cabs_stream.methods import registry
     takes = registry.get(method).param
-    models = [ModelSpec(family[x], weight=w, density=d if takes("density") else None) for x, w, d in zip(MODELS, W, D)]
+    models = [ModelSpec(family[x], weight=w if takes("weight") else None, density=d if takes("density") else None)
+              for x, w, d in zip(MODELS, W, D)]
     extra = {k: params.pop(k) for k in ("n", "m", "exclude") if k in params}
     params = {k: v for k, v in params.items() if takes(k)}
     return build_config(method=method, base=family["base"], models=models, params=params, **extra)
@@ -229,3 +230,104 @@ def test_ca_only_equals_reference(family, tmp_path, selection):
         exp[name] = decode_ref(encode_ref(res, "BF16"), "BF16").reshape(tuple(b.shape))
     assert_matches(out, exp)
     assert all(o is None or o == 0 for row in rep["overlap"] for o in row)
+
+
+# ------------------------------------------------------------------ della, sce, model_stock
+def _per_tensor(family, fn):
+    """Expected output: ``fn(name, base_f32, [model_f32], shape)`` per float tensor, rounded to BF16."""
+    base = load_model(family["base"])
+    fts = [load_model(family[x]) for x in MODELS]
+    out = {}
+    for name, b in base.items():
+        if not b.is_floating_point():
+            out[name] = b.numpy()
+            continue
+        res = fn(name, as_f32(b), [as_f32(f[name]) for f in fts], tuple(b.shape))
+        out[name] = decode_ref(encode_ref(res, "BF16"), "BF16").reshape(tuple(b.shape))
+    return out
+
+
+@pytest.mark.parametrize("method", ["della", "della_linear"])
+def test_della_equals_reference(family, tmp_path, method):
+    from reference import della_ref
+    eps = 0.1
+    out = str(tmp_path / "out")
+    merge(config(family, method, random_seed=4, epsilon=eps), out, chunk_size=16)
+
+    def expect(name, b, fts, shape):
+        cols = shape[-1] if len(shape) >= 2 else b.size
+        key = zlib.crc32(name.encode())
+        kv = [della_ref(f - b, cols, D[i], eps, seed=4, model=i, tensor_key=key) for i, f in enumerate(fts)]
+        return combine_methods_ref(b, [v for _, v in kv], [k for k, _ in kv], W, [1, 1, 1],
+                                   consensus=method == "della", normalize=method == "della")
+    assert_matches(out, _per_tensor(family, expect))
+
+
+def test_della_keeps_density_in_distribution():
+    """Kept fraction per row is density on average, and a kept value is tau / p with p in density +- epsilon."""
+    from reference import della_ref
+    rng = np.random.default_rng(0)
+    tau = rng.standard_normal(200 * 500).astype(np.float32)
+    keep, vals = della_ref(tau, 500, 0.3, 0.1, seed=1)
+    assert abs(keep.mean() - 0.3) < 0.01
+    p = tau[keep] / vals[keep]
+    assert p.min() >= 0.2 - 1e-6 and p.max() <= 0.4 + 1e-6
+    big = np.abs(tau) > np.quantile(np.abs(tau), 0.9)  # large magnitudes are kept more often
+    assert keep[big].mean() > 0.37 and keep[~big].mean() < 0.3
+
+
+def test_della_epsilon_out_of_range_is_an_error(family, tmp_path):
+    from cabs_stream import ConfigError
+    with pytest.raises(ConfigError, match=r"density 0.3 \+- epsilon 0.4 of .*ft1 must lie in \(0, 1\)"):
+        merge(config(family, "della", epsilon=0.4), str(tmp_path / "out"))
+    assert not any(p.name.startswith((".out", "out")) for p in tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("topk", [1.0, 0.4, 0.0])
+def test_sce_equals_reference(family, tmp_path, topk):
+    from cabs_stream import ModelSpec
+    from reference import sce_ref
+    cfg = build_config(method="sce", base=family["base"], models=[ModelSpec(family[x]) for x in MODELS],
+                       params={"select_topk": topk})
+    out = str(tmp_path / "out")
+    merge(cfg, out, chunk_size=16)
+    assert_matches(out, _per_tensor(family, lambda name, b, fts, shape: sce_ref(b, fts, topk)[0]))
+
+
+@pytest.mark.parametrize("filter_wise", [False, True])
+def test_model_stock_equals_reference(family, tmp_path, filter_wise):
+    from reference import model_stock_ref
+    cfg = build_config(method="model_stock", base=family["base"], models=[family[x] for x in MODELS],
+                       params={"filter_wise": filter_wise})
+    out = str(tmp_path / "out")
+    merge(cfg, out, chunk_size=16)
+
+    def expect(name, b, fts, shape):
+        cols = (shape[-1] if len(shape) >= 2 else b.size) if filter_wise else None
+        return model_stock_ref(b, fts, cols)
+    assert_matches(out, _per_tensor(family, expect))
+
+
+def test_model_stock_needs_two_models(family):
+    from cabs_stream import ConfigError
+    with pytest.raises(ConfigError, match="at least two fine-tuned models"):
+        build_config(method="model_stock", base=family["base"], models=[family["ft1"]])
+
+
+@pytest.mark.parametrize("method, params", [("della", {"random_seed": 2}), ("sce", {"select_topk": 0.3}),
+                                            ("model_stock", {"filter_wise": True})])
+def test_new_methods_identical_across_chunking_and_workers(family, tmp_path, method, params):
+    digests = []
+    for i, (chunk, workers, sched) in enumerate([(8, 1, "threads"), (40, 2, "threads"), (1000, 2, "processes")]):
+        out = str(tmp_path / f"o{i}")
+        merge(config(family, method, **params), out, chunk_size=chunk, workers=workers, scheduler=sched)
+        digests.append(shard_bytes(out))
+    assert digests[0] == digests[1] == digests[2]
+
+
+def test_parameter_of_another_method_is_an_error(family):
+    from cabs_stream import ConfigError
+    with pytest.raises(ConfigError, match="'density' .* does not apply to merge_method cabs"):
+        build_config(method="cabs", base=family["base"], models=[family["ft1"]], density=0.5)
+    with pytest.raises(ConfigError, match="'weight' .* does not apply to merge_method sce"):
+        build_config(method="sce", base=family["base"], models=[family["ft1"], family["ft2"]], weights=[1.0, 1.0])

@@ -16,7 +16,6 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .. import thresholds
-from ..codec import decode_chunk
 from . import gta_kernels as GK
 from . import nm_kernel
 from .base import DENSITY, SEED, WEIGHT, Chunk, Method, Needs, Param, top_count, weights
@@ -57,12 +56,10 @@ class BSOnly(Method):
     def merge_chunk(self, run: "RunContext", c: Chunk) -> None:
         p: BSParams = c.prep
         k = c.k
-        b = c.scratch("b", (c.count,), np.float32)
-        vals = c.scratch("vals", (k, c.count), np.float32)
         keep = c.scratch("keep", (k, c.count), np.uint8)
         one = c.scratch("one", (1, -(-c.count // 8)), np.uint8)
         tmp = c.scratch("tmp", (2 * c.count,), np.uint16)
-        decode_chunk(c.base, c.base_code, c.fts, c.codes, c.count, b, vals, False)
+        b, vals = c.decode()
         for i in range(k):  # n:m of this task vector alone: the CABS kernel with k = 1
             one[:] = 0
             nm_kernel.merge_chunk(c.base, c.base_code, (c.fts[i],), c.codes[i:i + 1], p.weight[i:i + 1],
@@ -135,11 +132,9 @@ class CAOnly(GTA):
     def merge_chunk(self, run: "RunContext", c: Chunk) -> None:
         p: GTAParams = c.prep
         k = c.k
-        b = c.scratch("b", (c.count,), np.float32)
-        vals = c.scratch("vals", (k, c.count), np.float32)
         svals = c.scratch("svals", (k, c.count), np.float32)  # what selection sees
         keep = c.scratch("keep", (k, c.count), np.uint8)
-        decode_chunk(c.base, c.base_code, c.fts, c.codes, c.count, b, vals, False)
+        b, vals = c.decode()
         svals[:] = vals
         thr, bud = chunk_thresholds(c)
         used = np.zeros(c.count, bool)

@@ -24,6 +24,8 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
+from ..codec import decode_chunk
+
 if TYPE_CHECKING:  # pragma: no cover
     from ..config import MergeConfig
     from ..plan import TensorJob
@@ -105,6 +107,14 @@ class Chunk:
     @property
     def k(self) -> int:
         return len(self.fts)
+
+    def decode(self, values: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """The chunk as float32 in scratch: the base (count,) and the task vectors (k, count),
+        or with ``values`` the models' weights themselves."""
+        b = self.scratch("b", (self.count,), np.float32)
+        vals = self.scratch("vals", (self.k, self.count), np.float32)
+        decode_chunk(self.base, self.base_code, self.fts, self.codes, self.count, b, vals, values)
+        return b, vals
 
 
 class Method:

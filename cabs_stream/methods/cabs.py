@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..codec import decode_chunk, encode
+from ..codec import encode
 from ..errors import ConfigError
 from . import nm_kernel
 from .base import WEIGHT, Chunk, Method, Needs, Param, weights
@@ -102,9 +102,7 @@ class Cabs(Method):
                                   c.masks, c.stats)
             return
         k = c.k
-        b = c.scratch("b", (c.count,), np.float32)
-        vals = c.scratch("vals", (k, c.count), np.float32)
-        decode_chunk(c.base, c.base_code, c.fts, c.codes, c.count, b, vals, True)
+        b, vals = c.decode(values=True)
         res, kept = published_2024(b, vals, p.weight, p.n, p.m, tuple(p.order))
         encode(res, c.out_code, c.out)
         c.masks[:] = np.packbits(kept, axis=1, bitorder="little")

@@ -169,10 +169,8 @@ class GTA(Method):
             nm_kernel.merge_chunk(c.base, c.base_code, c.fts, c.codes, p.weight, np.arange(k, dtype=np.int64),
                                   c.count, 1, 256, 1, nm_kernel.KEEP_ALL, False, c.out, c.out_code, c.masks, c.stats)
             return
-        b = c.scratch("b", (c.count,), np.float32)
-        vals = c.scratch("vals", (k, c.count), np.float32)
         keep = c.scratch("keep", (k, c.count), np.uint8)
-        decode_chunk(c.base, c.base_code, c.fts, c.codes, c.count, b, vals, False)
+        b, vals = c.decode()
         thr, bud = chunk_thresholds(c)
         for i in range(k):
             if p.mode == -1:

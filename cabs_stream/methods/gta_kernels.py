@@ -13,14 +13,14 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
+from ..codec import ABS_BITS as _ABS
+from ..codec import EXP_BITS as _EXP
 from ..codec import store
 
 SEL_ALL, SEL_TOP, SEL_BAND, SEL_ROW, SEL_RANDOM, SEL_MASK = 0, 1, 2, 3, 4, 5
 
 _U32 = np.uint32
 _U64 = np.uint64
-_ABS = _U32(0x7FFFFFFF)
-_EXP = _U32(0x7F800000)
 
 
 @njit(inline="always")

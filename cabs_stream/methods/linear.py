@@ -11,7 +11,6 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ..codec import decode_chunk
 from . import gta_kernels as GK
 from .base import INT8_MASK, NORMALIZE, WEIGHT, Chunk, Method, Needs, Param, weights
 
@@ -42,10 +41,8 @@ class Linear(Method):
     def merge_chunk(self, run: "RunContext", c: Chunk) -> None:
         p: LinearParams = c.prep
         k = c.k
-        b = c.scratch("b", (c.count,), np.float32)
-        vals = c.scratch("vals", (k, c.count), np.float32)
         keep = c.scratch("keep", (k, c.count), np.uint8)
-        decode_chunk(c.base, c.base_code, c.fts, c.codes, c.count, b, vals, True)
+        b, vals = c.decode(values=True)
         GK.combine(b, vals, keep, p.weight, np.ones(k, np.float32), False, p.normalize, np.float32(1), True,
                    c.count, c.out, c.out_code, c.masks, c.stats)
 

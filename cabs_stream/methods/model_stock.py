@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from numba import njit
 
-from ..codec import decode_chunk, store
+from ..codec import store
 from ..errors import ConfigError
 from .base import Chunk, Method, Needs, Param, row_length
 from .gta import tau_keys
@@ -119,10 +119,7 @@ class ModelStock(Method):
 
     def merge_chunk(self, run: "RunContext", c: Chunk) -> None:
         p: StockParams = c.prep
-        k = c.k
-        b = c.scratch("b", (c.count,), np.float32)
-        vals = c.scratch("vals", (k, c.count), np.float32)
-        decode_chunk(c.base, c.base_code, c.fts, c.codes, c.count, b, vals, True)
+        b, vals = c.decode(values=True)
         interpolate(b, vals, c.pre, c.start, p.cols, p.per_row, c.count, c.out, c.out_code, c.masks, c.stats)
 
 

@@ -21,7 +21,7 @@ import numpy as np
 from numba import njit
 
 from .. import thresholds
-from ..codec import decode_chunk, store
+from ..codec import store
 from . import gta_kernels as GK
 from .base import INT8_MASK, Chunk, Method, Needs, Param
 from .gta import tau_keys
@@ -161,11 +161,8 @@ class Sce(Method):
         return sel_pre, w.astype(np.float32)
 
     def merge_chunk(self, run: "RunContext", c: Chunk) -> None:
-        k = c.k
         sel_pre, w = c.pre
-        b = c.scratch("b", (c.count,), np.float32)
-        vals = c.scratch("vals", (k, c.count), np.float32)
-        decode_chunk(c.base, c.base_code, c.fts, c.codes, c.count, b, vals, False)
+        b, vals = c.decode()
         sel = self._selected(run, c.index, vals, sel_pre, c.ordinal)
         erase_combine(b, vals, sel, w, c.count, c.out, c.out_code, c.masks, c.stats)
 

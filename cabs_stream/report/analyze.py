@@ -12,7 +12,6 @@ import json
 import os
 import re
 import shutil
-from dataclasses import replace
 from typing import Any
 
 import numpy as np
