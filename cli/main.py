@@ -7,6 +7,7 @@ import sys
 import tempfile
 import time
 import warnings
+from dataclasses import replace
 
 import click
 
@@ -90,6 +91,7 @@ def method_options(f):
     for name, (p, users) in reversed(list(_method_params().items())):
         where = f" [{', '.join(users)}]"
         dest = "p_" + name
+        p = replace(p, help=p.help[0].upper() + p.help[1:])
         if p.kind == "bool":
             opt = click.option(f"{_flag(name)}/--no-{name.replace('_', '-')}", dest, default=None,
                                help=p.help + where)
@@ -103,7 +105,7 @@ def method_options(f):
             typ = float if p.kind == "float" else int
             per = " Once for every model, or once per model in --model order." if p.per_model else ""
             opt = click.option(_flag(name), dest, type=typ, default=None, multiple=p.per_model,
-                               help=p.help + "." + per + where)
+                               help=p.help.rstrip(".") + "." + per + where)
         f = opt(f)
     return f
 

@@ -9,6 +9,13 @@ import os
 import numpy as np
 import pytest
 import torch
+from hypothesis import settings
+
+# The suite draws the same examples on every run (a red CI is a real bug, never luck of the
+# draw); `--hypothesis-profile=explore` draws new ones.
+settings.register_profile("ci", derandomize=True)
+settings.register_profile("explore", derandomize=False, max_examples=2000)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 from safetensors.torch import load_file, save_file
 
 
@@ -103,6 +110,13 @@ def rewrite_model(path: str, changes: dict[str, tuple[np.ndarray, str] | None]) 
             os.remove(os.path.join(path, f))
     config = json.load(open(os.path.join(path, "config.json")))
     write_model(path, tensors, config=config)
+
+
+def shard_bytes(out: str) -> dict[str, str]:
+    """sha256 of every safetensors shard of a folder, by file name."""
+    import hashlib
+    return {f: hashlib.sha256(open(os.path.join(out, f), "rb").read()).hexdigest()
+            for f in sorted(os.listdir(out)) if f.endswith(".safetensors")}
 
 
 def digest_folder(path: str) -> dict[str, str]:

@@ -145,7 +145,8 @@ def combine_methods_ref(base, vals, keeps, w, scale, consensus=False, normalize=
         s = np.zeros_like(base)
         for i in range(k):
             s = s + (vals[i] * np.float32(1.0)) * w[i]
-        return (s / w.sum(dtype=np.float32)) if normalize else s
+        total = w.sum(dtype=np.float32)
+        return (s / total) if normalize and total != 0 else s  # weights summing to 0: no division
     wd = [np.where(keeps[i], (vals[i] * np.float32(scale[i])).astype(np.float32) * w[i], np.float32(0)).astype(np.float32)
           for i in range(k)]
     s = np.zeros_like(base)

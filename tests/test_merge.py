@@ -3,7 +3,6 @@ bit for bit, and independent of chunk size, worker count and scheduler."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 
@@ -15,15 +14,10 @@ from click.testing import CliRunner
 import cabs_stream
 from cabs_stream import build_config, merge
 from cabs_stream_cli.main import main as cli
-from conftest import as_f32, load_model
+from conftest import as_f32, load_model, shard_bytes
 from reference import encode_ref, merge_ref, decode_ref
 
 pytestmark = pytest.mark.usefixtures("inputs_unchanged")
-
-
-def shard_bytes(out: str) -> dict[str, str]:
-    return {f: hashlib.sha256(open(os.path.join(out, f), "rb").read()).hexdigest()
-            for f in sorted(os.listdir(out)) if f.endswith(".safetensors")}
 
 
 def expected(paths, models, lam, method="cabs", n=3, m=8, order=None, overlap="fill", out_dtype=None):

@@ -14,7 +14,8 @@ from cabs_stream import build_config, load_config, merge
 from conftest import as_f32, load_model
 from reference import (combine_methods_ref, decode_ref, encode_ref, nm_masks_ref, select_ref, top_count,
                        uniform_ref)
-from test_merge import assert_matches, shard_bytes
+from conftest import shard_bytes
+from test_merge import assert_matches
 
 pytestmark = pytest.mark.usefixtures("inputs_unchanged")
 MODELS = ["ft1", "ft2", "ft3"]

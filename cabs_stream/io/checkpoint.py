@@ -27,9 +27,6 @@ class Checkpoint:
     files: list[str]
     tensors: dict[str, TensorInfo] = field(repr=False)
 
-    def where(self, name: str) -> str:
-        return self.tensors[name].file
-
 
 def open_checkpoint(path: str, convert_dir: str | None = None) -> Checkpoint:
     """Resolve ``path`` (a folder, a ``.safetensors`` file or a PyTorch ``.bin``) and parse

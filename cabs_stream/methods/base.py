@@ -124,7 +124,6 @@ class Method:
     summary: str = ""  # one line for --help and the README
     paper: str = ""  # link shown in the model card
     params: tuple[Param, ...] = ()
-    needs_base: bool = True  # merges task vectors against a base
 
     def param(self, name: str) -> Param | None:
         return next((p for p in self.params if p.name == name), None)

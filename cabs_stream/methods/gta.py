@@ -196,7 +196,6 @@ def _fusable(cfg: "MergeConfig", tensor: str) -> bool:
     return not cfg.value("normalize", tensor, default=False) and cfg.value("lambda", tensor, default=1.0) == 1.0
 
 
-MERGEKIT = "https://github.com/arcee-ai/mergekit"
 METHODS = [
     GTA("task_arithmetic", "W0 + sum w_i tau_i (no pruning)", None, False, False, False,
         paper="https://arxiv.org/abs/2212.04089"),

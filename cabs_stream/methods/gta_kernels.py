@@ -17,7 +17,7 @@ from ..codec import ABS_BITS as _ABS
 from ..codec import EXP_BITS as _EXP
 from ..codec import store
 
-SEL_ALL, SEL_TOP, SEL_BAND, SEL_ROW, SEL_RANDOM, SEL_MASK = 0, 1, 2, 3, 4, 5
+SEL_ALL, SEL_TOP, SEL_BAND, SEL_ROW, SEL_RANDOM = 0, 1, 2, 3, 4
 
 _U32 = np.uint32
 _U64 = np.uint64
@@ -42,7 +42,7 @@ def uniform(seed, model, tensor_key, index):
 
 @njit(nogil=True, cache=True)
 def uniforms(seed, model, tensor_key, start, count):
-    """The draws of elements [start, start + count) (for tests and analysis)."""
+    """The draws of elements [start, start + count) (used by the tests)."""
     out = np.empty(count, np.float64)
     for j in range(count):
         out[j] = uniform(seed, model, tensor_key, start + j)
@@ -58,7 +58,6 @@ def select(taus, i, count, mode, t_lo, b_lo, t_hi, b_hi, cols, row_k, density, s
     SEL_BAND: in the top set of (t_lo, b_lo) and not in the top set of (t_hi, b_hi).
     SEL_ROW: the row_k largest of each row of ``cols`` elements (ties to the lower index).
     SEL_RANDOM: uniform(seed, model, tensor, start + j) < density. SEL_ALL: every non-zero.
-    SEL_MASK: keep[i] was filled by the caller (only the zero rule is applied).
     """
     eq_lo = 0
     eq_hi = 0
@@ -82,8 +81,6 @@ def select(taus, i, count, mode, t_lo, b_lo, t_hi, b_hi, cols, row_k, density, s
             continue
         if mode == SEL_ALL:
             k = True
-        elif mode == SEL_MASK:
-            k = keep[i, j] != 0
         elif mode == SEL_RANDOM:
             k = uniform(seed, model, tensor_key, start + j) < density
         else:
