@@ -8,6 +8,7 @@ import os
 import resource
 import time
 import uuid
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,9 +19,9 @@ from .io import output
 from .plan import Plan, engine_settings, make_plan
 from .report.progress import MergeProgress
 from .report.summary import summarize
-from .run import graph, schedule
+from .run import graph, schedule, tasks
 from .run.context import RunContext
-from .run.workstate import MASKS_NAME, MaskStore, WorkState
+from .run.workstate import EXTRA, MASKS_NAME, MaskStore, WorkState
 
 
 @dataclass
@@ -32,11 +33,15 @@ class MergeResult:
 
 
 def _fingerprint(plan: Plan, save_masks: bool, dry: bool) -> str:
+    """The configuration, the layout and the identity of every input file: path, size, mtime,
+    ctime, inode and device. ctime cannot be set by a user (``cp -p``/``rsync -t`` restore
+    mtime, not ctime), so a rewritten input never passes for the old one; hashing the contents
+    would cost a full read of every input before each run."""
     inputs = []
     for ck in (plan.base, *plan.models):
         for f in ck.files:
             st = os.stat(f)
-            inputs.append([f, st.st_size, st.st_mtime_ns])
+            inputs.append([f, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev])
     doc = {"version": __version__, "config": plan.config.describe(), "inputs": inputs,
            "shards": [(s.name, s.size) for s in plan.shards], "chunk": plan.chunk_size, "masks": save_masks,
            "dry": dry}
@@ -46,7 +51,7 @@ def _fingerprint(plan: Plan, save_masks: bool, dry: bool) -> str:
 def run(cfg: MergeConfig, work: str, *, chunk_size: int | None = None, workers: int | None = None,
         memory: int | str | None = None, scheduler: str = "threads", shard_size: int | str = "5GB",
         save_masks: bool = False, allow_nonfinite: bool = False, quiet: bool = True,
-        dry: bool = False) -> tuple[Plan, dict[str, Any]]:
+        dry: bool = False, durable: bool = False) -> tuple[Plan, dict[str, Any]]:
     """Plan and run the chunk map in ``work``: ``work/model`` receives the output shards (and,
     with ``save_masks``, ``cabs_masks.zarr``); a ``dry`` run writes no shards and keeps the
     masks (if asked) in ``work/cabs_masks.zarr``. Returns the plan and the report."""
@@ -62,21 +67,27 @@ def run(cfg: MergeConfig, work: str, *, chunk_size: int | None = None, workers: 
     model_dir = os.path.join(work, "model")
     fp = _fingerprint(plan, save_masks, dry)
     os.makedirs(work, exist_ok=True)
-    state, previous = WorkState.open(os.path.join(work, "state.zarr"), fp, len(plan.chunks), k)
-    todo = [i for i in range(len(plan.chunks)) if previous[i, 0] < 0]
-    resumed = len(plan.chunks) - len(todo)
-    shards = None if dry else output.ShardFiles(output.preallocate(plan, model_dir, resume=resumed > 0))
+    state, previous, reopened = WorkState.open(os.path.join(work, "state.zarr"), fp, len(plan.chunks), k)
+    shards = None if dry else output.ShardFiles(
+        output.preallocate(plan, model_dir, resume=reopened, keep=(MASKS_NAME,) if save_masks else ()))
     masks = None
     if save_masks:
         masks = MaskStore.create(os.path.join(work if dry else model_dir, MASKS_NAME), k,
                                  {t.name: (t.numel, t.chunk) for t in plan.tensors if t.merged},
                                  {"fingerprint": fp, "models": [s.path for s in cfg.models],
-                                  "layout": "masks/<tensor>[i, j // 8] bit j % 8 (little-endian) = element j "
-                                            "of the flattened tensor kept by model i"})
-    t_plan = time.monotonic()
+                                  "layout": "<tensor>[i, j // 8] bit j % 8 (little-endian) = element j "
+                                            "of the flattened tensor kept by model i"}, keep=reopened)
 
-    ctx = RunContext(plan, method, prep, shards, state, masks, allow_nonfinite, uuid.uuid4().hex)
+    ctx = RunContext(plan, method, prep, shards, state, masks, allow_nonfinite, durable, uuid.uuid4().hex)
     with ctx:
+        recorded = [i for i in range(len(plan.chunks)) if previous[i, 0] >= 0]
+        reused = {i for i in recorded if tasks.verify(ctx, i, previous[i])}
+        if len(reused) < len(recorded):
+            warnings.warn(f"{len(recorded) - len(reused)} chunks recorded by the interrupted run could not be "
+                          "verified (output bytes or record changed); merging them again", stacklevel=2)
+        todo = [i for i in range(len(plan.chunks)) if i not in reused]
+        resumed = len(reused)
+        t_plan = time.monotonic()
         dsk = graph.build(schedule.reference(ctx, scheduler), plan, needs, todo, dry)
         keys = [key for key in dsk if key[0] in ("chunk", "copy")]
         sizes = {}
@@ -89,7 +100,7 @@ def run(cfg: MergeConfig, work: str, *, chunk_size: int | None = None, workers: 
     rows = {key[1]: r for key, r in zip(keys, results) if key[0] == "chunk"}
     for i in range(len(plan.chunks)):
         if i not in rows:
-            rows[i] = previous[i]
+            rows[i] = previous[i, :-EXTRA]
     if not dry:
         output.flush(model_dir)  # the output is on disk before the report's timings are taken
     t_merge = time.monotonic()
@@ -110,13 +121,15 @@ def run(cfg: MergeConfig, work: str, *, chunk_size: int | None = None, workers: 
 def merge(config: MergeConfig | str, out_dir: str, *, chunk_size: int | None = None,
           workers: int | None = None, memory: int | str | None = None, scheduler: str = "threads",
           shard_size: int | str = "5GB", overwrite: bool = False, save_masks: bool = False,
-          allow_nonfinite: bool = False, quiet: bool = True) -> MergeResult:
+          allow_nonfinite: bool = False, quiet: bool = True, durable: bool = False) -> MergeResult:
     """Merge a base and fine-tuned models into a Hugging Face folder at ``out_dir``.
 
     ``config`` is a ``MergeConfig`` (see ``build_config``) or the path of a YAML file. Every
     input is validated before anything is written; the result appears under ``out_dir`` only
-    when complete. A rerun after an interruption resumes from the completed chunks. With
-    ``save_masks`` the bit-packed masks are kept in ``out_dir/cabs_masks.zarr``.
+    when complete. A rerun after an interruption resumes from the completed chunks, each
+    verified before reuse. With ``save_masks`` the bit-packed masks are kept in
+    ``out_dir/cabs_masks.zarr``; with ``durable`` every chunk is on disk before it is recorded
+    done, so a resume after a power loss reuses them too.
     """
     cfg = load_config(config) if isinstance(config, (str, os.PathLike)) else config
     inputs = [cfg.base, *(s.path for s in cfg.models)] + ([cfg.tokenizer_source] if cfg.tokenizer_source else [])
@@ -126,13 +139,13 @@ def merge(config: MergeConfig | str, out_dir: str, *, chunk_size: int | None = N
     try:
         plan, report = run(cfg, work, chunk_size=chunk_size, workers=workers, memory=memory, scheduler=scheduler,
                            shard_size=shard_size, save_masks=save_masks, allow_nonfinite=allow_nonfinite,
-                           quiet=quiet)
+                           quiet=quiet, durable=durable)
         model_dir = os.path.join(work, "model")
         manifest = {"tool": "cabs-stream", "version": __version__, **cfg.describe(),
                     "output_dtypes": sorted({t.out_dtype for t in plan.tensors}),
                     "shards": [s.name for s in plan.shards], **({"masks": MASKS_NAME} if save_masks else {})}
         output.finish(plan, model_dir, out_dir, {"cabs_manifest.json": manifest, "cabs_report.json": report},
-                      overwrite)
+                      overwrite, before_rename=lambda: WorkState(os.path.join(work, "state.zarr")).invalidate())
     finally:
         lock.release()
         output.remove_if_empty(work)

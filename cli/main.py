@@ -52,6 +52,9 @@ def engine_options(f):
         click.option("--save-masks", is_flag=True,
                      help="Keep the bit-packed masks (1 bit per parameter per model) as a Zarr store, "
                           "OUT_DIR/cabs_masks.zarr."),
+        click.option("--durable", is_flag=True,
+                     help="fsync each chunk's bytes before recording it done, so a resume after a power loss "
+                          "reuses every recorded chunk (without it such chunks fail verification and are redone)."),
         click.option("--allow-nonfinite", is_flag=True,
                      help="Merge even if a task vector holds NaN or Inf (default: stop with an error)."),
         click.option("--quiet", "-q", is_flag=True, help="No progress output and no summary."),
@@ -148,7 +151,7 @@ def _collect(values: dict) -> tuple[dict, dict[str, list]]:
               help="A tensor missing from a fine-tuned model counts as an all-zero task vector.")
 @engine_options
 def merge_cmd(config, out_dir, output, method, base, models, weights, dtype, tokenizer_source, exclude,
-              allow_missing, chunk_size, workers, memory, scheduler, shard_size, overwrite, save_masks,
+              allow_missing, chunk_size, workers, memory, scheduler, shard_size, overwrite, save_masks, durable,
               allow_nonfinite, quiet, **method_values) -> None:
     """Merge models into OUT_DIR, from a mergekit-style CONFIG.yml or from flags.
 
@@ -185,12 +188,12 @@ def merge_cmd(config, out_dir, output, method, base, models, weights, dtype, tok
                                    dtype=dtype, tokenizer_source=tokenizer_source, allow_missing=allow_missing,
                                    params=params, model_params=_per_model(per_model, len(models)),
                                    exclude=list(exclude))
-        for w in notes:
-            click.echo(f"note: {w.message}", err=True)
-        res = run_merge(cfg, target, chunk_size=chunk_size, workers=workers, memory=memory,
-                        scheduler=scheduler, shard_size=shard_size, overwrite=overwrite,
-                        save_masks=save_masks, allow_nonfinite=allow_nonfinite, quiet=quiet)
+            res = run_merge(cfg, target, chunk_size=chunk_size, workers=workers, memory=memory,
+                            scheduler=scheduler, shard_size=shard_size, overwrite=overwrite,
+                            save_masks=save_masks, allow_nonfinite=allow_nonfinite, quiet=quiet, durable=durable)
+            _notes(notes)
     except CabsError as e:
+        _notes(notes)
         _fail(e)
     except KeyboardInterrupt:
         click.echo("interrupted: nothing was written under the output name; rerun the same command "
@@ -198,6 +201,13 @@ def merge_cmd(config, out_dir, output, method, base, models, weights, dtype, tok
         sys.exit(130)
     if not quiet:
         print_summary(res.report, res.out_dir)
+
+
+def _notes(notes: list) -> None:
+    """Warnings raised during a run, one line each."""
+    for w in notes:
+        click.echo(f"note: {w.message}", err=True)
+    notes.clear()
 
 
 def _per_model(per_model: dict[str, list], k: int) -> list[dict] | None:

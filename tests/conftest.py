@@ -112,6 +112,17 @@ def rewrite_model(path: str, changes: dict[str, tuple[np.ndarray, str] | None]) 
     write_model(path, tensors, config=config)
 
 
+def work_folder(out) -> str:
+    """The private work folder of a merge into ``out`` (as this user)."""
+    from cabs_stream.io.output import work_dir
+    return work_dir(str(out))
+
+
+def no_work_folder(parent) -> bool:
+    """No work folder of any output is left in ``parent``."""
+    return not [p for p in os.listdir(parent) if ".cabs-partial" in p]
+
+
 def shard_bytes(out: str) -> dict[str, str]:
     """sha256 of every safetensors shard of a folder, by file name."""
     import hashlib

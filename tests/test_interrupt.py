@@ -15,6 +15,7 @@ import pytest
 
 from cabs_stream import build_config, merge
 from cabs_stream.synthetic import SHAPES, generate_family
+from conftest import no_work_folder, work_folder
 
 
 def digest_tree(path: str) -> dict[str, str]:
@@ -48,7 +49,7 @@ def cmd(fam, out, *extra):
 
 
 def done_chunks(out: str) -> int:
-    stats = os.path.join(os.path.dirname(out), f".{os.path.basename(out)}.cabs-partial", "state.zarr", "stats", "c")
+    stats = os.path.join(work_folder(out), "state.zarr", "records", "c")
     return sum(f.count("0") for _, _, f in os.walk(stats)) if os.path.isdir(stats) else 0  # not temp files
 
 
@@ -82,7 +83,7 @@ def test_kill_and_resume_is_bit_identical(fam, tmp_path, sig, after):
     r = subprocess.run(cmd(fam, out), capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert shard_digests(out) == fam["ref"]
-    assert not os.path.exists(tmp_path / ".out.cabs-partial")
+    assert no_work_folder(tmp_path)
     report = __import__("json").load(open(os.path.join(out, "cabs_report.json")))
     assert report["resumed_chunks"] == progress
     assert inputs_unchanged(fam)

@@ -14,7 +14,7 @@ from click.testing import CliRunner
 import cabs_stream
 from cabs_stream import build_config, merge
 from cabs_stream_cli.main import main as cli
-from conftest import as_f32, load_model, shard_bytes
+from conftest import as_f32, load_model, no_work_folder, shard_bytes
 from reference import encode_ref, merge_ref, decode_ref
 
 pytestmark = pytest.mark.usefixtures("inputs_unchanged")
@@ -60,7 +60,7 @@ def test_merge_equals_reference(family, tmp_path, method):
     assert set(index["weight_map"]) == set(load_model(family["base"]))
     manifest = json.load(open(os.path.join(out, "cabs_manifest.json")))
     assert manifest["merge_method"] == method and manifest["version"] == cabs_stream.__version__
-    assert not os.path.exists(tmp_path / ".out.cabs-partial")
+    assert no_work_folder(tmp_path)
     if method == "cabs":
         assert res.report["density"][0] == pytest.approx(3 / 8, abs=0.05)
 

@@ -14,13 +14,14 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 import zarr
 
 from cabs_stream import CheckpointError, OutputError, build_config, merge
-from conftest import load_model, rewrite_model, shard_bytes
+from conftest import load_model, no_work_folder, rewrite_model, shard_bytes, work_folder
 
 REPEAT = 20
 
@@ -94,7 +95,7 @@ def test_save_masks_keeps_a_readable_zarr_store(family, tmp_path):
         assert packed.shape == (3, -(-t["numel"] // 8))
         bits = np.unpackbits(packed, axis=1, bitorder="little")[:, :t["numel"]]
         assert bits.sum(axis=1).tolist() == t["kept"], name
-    assert not os.path.exists(tmp_path / ".out.cabs-partial")
+    assert no_work_folder(tmp_path)
 
 
 def test_second_run_on_an_output_being_written_fails_at_once(tmp_path):
@@ -106,7 +107,7 @@ def test_second_run_on_an_output_being_written_fails_at_once(tmp_path):
     cmd = [sys.executable, "-m", "cabs_stream_cli.main", "merge", "--base", base, "--model", fts[0], "--model",
            fts[1], "-o", out, "--chunk-size", "1024", "--workers", "1", "--quiet"]
     first = subprocess.Popen(cmd)
-    lock = tmp_path / ".out.cabs-partial" / "lock"
+    lock = Path(work_folder(out)) / "lock"
     deadline = time.monotonic() + 60
     while not (lock.exists() and lock.read_text()) and time.monotonic() < deadline:
         time.sleep(0.01)

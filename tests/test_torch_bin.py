@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from cabs_stream import CheckpointError, build_config, merge
-from conftest import load_model
+from conftest import load_model, no_work_folder
 
 
 def to_bin(src: str, dst: str) -> str:
@@ -28,7 +28,7 @@ def test_bin_inputs_merge_like_safetensors(family, tmp_path):
     ta, tb = load_model(a), load_model(b)  # same tensors (the layout follows each base's order)
     assert set(ta) == set(tb) and all(torch.equal(ta[n], tb[n]) and ta[n].dtype == tb[n].dtype for n in ta)
     assert os.path.exists(os.path.join(b, "tokenizer.json"))
-    assert not os.path.exists(tmp_path / ".b.cabs-partial")
+    assert no_work_folder(tmp_path)
 
 
 class Evil:

@@ -10,9 +10,13 @@ renamed to ``<name>``.
 from __future__ import annotations
 
 import fcntl
+import hashlib
+import hmac
 import json
 import os
+import secrets
 import shutil
+import stat
 import threading
 import time
 
@@ -27,20 +31,94 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 _TORCH_NAMES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}
 
 
+def _user_key() -> bytes:
+    """A random per-user secret (created once, readable by this user only) that names work
+    folders, so another user can neither predict nor claim one."""
+    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    folder = os.path.join(root, "cabs-stream")
+    path = os.path.join(folder, "work-key")
+    try:
+        os.makedirs(folder, mode=0o700, exist_ok=True)
+        if not os.path.lexists(path):  # written aside, then linked: readers never see a partial key
+            tmp = f"{path}.{os.getpid()}.{secrets.token_hex(4)}"
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+            with os.fdopen(fd, "wb") as f:
+                f.write(secrets.token_bytes(32))
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                pass
+            finally:
+                os.unlink(tmp)
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        try:
+            st = os.fstat(fd)
+            if st.st_uid != os.getuid() or st.st_mode & 0o077 or st.st_size != 32:
+                raise OutputError(f"{path} must be a 32-byte file readable only by you; remove it (it is recreated)")
+            return os.read(fd, 32)
+        finally:
+            os.close(fd)
+    except OSError as e:
+        raise OutputError(f"cannot keep the work-folder key in {path}: {e.strerror}; set XDG_CACHE_HOME to a "
+                          "folder of yours") from None
+
+
 def work_dir(out_dir: str) -> str:
+    """The run's private work folder beside the output: ``.<name>.cabs-partial-<tag>``, the tag
+    an HMAC of the output path under this user's key (the same folder for a rerun, which
+    resumes; unpredictable to anyone else)."""
     out_dir = os.path.abspath(out_dir)
-    return os.path.join(os.path.dirname(out_dir), f".{os.path.basename(out_dir)}.cabs-partial")
+    tag = hmac.new(_user_key(), out_dir.encode("utf-8", "surrogateescape"), hashlib.sha256).hexdigest()[:20]
+    return os.path.join(os.path.dirname(out_dir), f".{os.path.basename(out_dir)}.cabs-partial-{tag}")
+
+
+def private_dir(path: str) -> None:
+    """Create ``path`` mode 0700, or accept it only if it is a real folder (not a symlink) owned by
+    this user and closed to everyone else."""
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        pass
+    except OSError as e:
+        raise OutputError(f"cannot create the work folder {path}: {e.strerror}") from None
+    st = os.lstat(path)
+    if not stat.S_ISDIR(st.st_mode):
+        raise OutputError(f"work folder {path} exists and is not a folder (a symlink?); it was not made by this "
+                          "tool: remove it")
+    if st.st_uid != os.getuid() or st.st_mode & 0o077:
+        raise OutputError(f"work folder {path} belongs to another user or is open to others "
+                          f"(mode {stat.S_IMODE(st.st_mode):o}); it was not made by this tool: remove it")
+
+
+def _inside(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
 
 
 def check_output(out_dir: str, inputs: list[str], overwrite: bool) -> None:
-    """Refuse an existing output (unless ``overwrite``) and an output inside an input folder."""
+    """Refuse an output that is, contains or is inside an input (through symlinks), one that
+    exists (unless ``overwrite``) or is not a folder, and one whose parent cannot hold it."""
+    if not out_dir or "\0" in str(out_dir):
+        raise OutputError(f"invalid output folder {out_dir!r}")
     out = os.path.realpath(out_dir)
     for p in inputs:
         root = os.path.realpath(p)
-        if out == root or out.startswith(root.rstrip(os.sep) + os.sep):
+        if _inside(out, root):
             raise OutputError(f"output folder {out_dir} is inside input {p}; choose a folder outside the inputs")
-    if os.path.exists(out_dir) and not overwrite:
-        raise OutputError(f"output folder {out_dir} already exists; pass --overwrite to replace it")
+        if _inside(root, out):
+            raise OutputError(f"output folder {out_dir} contains input {p}; it would be replaced: choose a folder "
+                              "that holds no input")
+    if os.path.lexists(out_dir):
+        if not os.path.isdir(out_dir) or os.path.islink(out_dir):
+            raise OutputError(f"output {out_dir} exists and is not a folder; choose another name")
+        if not overwrite:
+            raise OutputError(f"output folder {out_dir} already exists; pass --overwrite to replace it")
+    parent = os.path.dirname(os.path.abspath(out_dir))
+    if not os.path.isdir(parent):
+        raise OutputError(f"cannot create output folder {out_dir}: {parent} is not an existing folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise OutputError(f"cannot create output folder {out_dir}: {parent} is not writable")
+    if len(os.path.basename(os.path.abspath(out_dir)).encode()) > 200:
+        raise OutputError(f"output folder name {os.path.basename(out_dir)[:40]}... is too long (200 bytes at most)")
 
 
 class WorkLock:
@@ -48,9 +126,9 @@ class WorkLock:
     the process ends, so a killed run never blocks the rerun."""
 
     def __init__(self, work: str, out_dir: str) -> None:
-        os.makedirs(work, exist_ok=True)
+        private_dir(work)
         path = os.path.join(work, "lock")
-        self.fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -90,18 +168,30 @@ class ShardFiles:
             with self._lock:
                 fd = self._fds.get(shard)
                 if fd is None:
-                    fd = self._fds[shard] = os.open(self.paths[shard], os.O_WRONLY)
+                    fd = self._fds[shard] = os.open(self.paths[shard], os.O_WRONLY | os.O_NOFOLLOW)
         return fd
 
-    def write(self, shard: int, data: memoryview, offset: int) -> None:
-        """Write all of ``data`` at ``offset`` of shard ``shard``."""
-        fd = self._fd(shard)
+    def write(self, shard: int, data: memoryview, offset: int, sync: bool = False) -> None:
+        """Write all of ``data`` at ``offset`` of shard ``shard`` (and with ``sync`` wait until it
+        is on disk)."""
         try:
+            fd = self._fd(shard)
             while data:
                 n = os.pwrite(fd, data, offset)
                 data, offset = data[n:], offset + n
+            if sync:
+                os.fdatasync(fd)
         except OSError as e:
             raise OutputError(f"cannot write {self.paths[shard]}: {e.strerror}") from None
+
+    def read(self, shard: int, offset: int, size: int) -> bytes | None:
+        """Bytes written earlier (None if the shard is missing or too short)."""
+        try:
+            with open(self.paths[shard], "rb") as f:
+                data = os.pread(f.fileno(), size, offset)
+        except OSError:
+            return None
+        return data if len(data) == size else None
 
     def close(self) -> None:
         with self._lock:
@@ -116,9 +206,18 @@ class ShardFiles:
         self.__init__(state["paths"])
 
 
-def preallocate(plan: Plan, model_dir: str, resume: bool) -> list[str]:
-    """Create every output shard at its final size with its header (kept when resuming)."""
+def preallocate(plan: Plan, model_dir: str, resume: bool, keep: tuple[str, ...] = ()) -> list[str]:
+    """Create every output shard at its final size with its header. When resuming, shards of
+    the right size are kept (their chunks are verified before reuse) and anything else in the
+    folder but ``keep`` is removed; otherwise the folder starts empty."""
+    if not resume:
+        shutil.rmtree(model_dir, ignore_errors=True)
     os.makedirs(model_dir, exist_ok=True)
+    wanted = {s.name for s in plan.shards} | set(keep)
+    for name in os.listdir(model_dir):
+        if name not in wanted:
+            p = os.path.join(model_dir, name)
+            shutil.rmtree(p) if os.path.isdir(p) and not os.path.islink(p) else os.remove(p)
     paths = []
     for shard in plan.shards:
         path = os.path.join(model_dir, shard.name)
@@ -141,8 +240,11 @@ def _copy_file(src_dir: str, name: str, dst_dir: str) -> bool:
     return False
 
 
-def finish(plan: Plan, model_dir: str, out_dir: str, extra_json: dict[str, object], overwrite: bool) -> None:
-    """Write index, configs, tokenizer and JSON files, flush, and move the folder into place."""
+def finish(plan: Plan, model_dir: str, out_dir: str, extra_json: dict[str, object], overwrite: bool,
+           before_rename=lambda: None) -> None:
+    """Write index, configs, tokenizer and JSON files, flush, and move the folder into place
+    (``before_rename`` runs once the folder is complete: the work state is dropped there, so
+    nothing of this run can be resumed against the finished output)."""
     weight_map = {t.name: plan.shards[t.shard].name for t in plan.tensors}
     total = sum(s.size - len(s.header) for s in plan.shards)
     _write_json(os.path.join(model_dir, INDEX_NAME), {"metadata": {"total_size": total}, "weight_map": weight_map})
@@ -165,6 +267,7 @@ def finish(plan: Plan, model_dir: str, out_dir: str, extra_json: dict[str, objec
         _write_json(os.path.join(model_dir, name), obj)
 
     flush(model_dir)
+    before_rename()
     out_dir = os.path.abspath(out_dir)
     old = None
     if os.path.exists(out_dir):

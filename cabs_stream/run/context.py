@@ -33,6 +33,7 @@ class RunContext:
     state: WorkState
     masks: MaskStore | None = None
     allow_nonfinite: bool = False
+    durable: bool = False  # fdatasync each chunk's bytes before recording it done
     token: str = ""  # identifies the run to its process-pool workers
     maps: InputMaps = field(default_factory=InputMaps)
     _local: threading.local = field(default_factory=threading.local, repr=False)

@@ -3,6 +3,7 @@
 - ``merge_chunk``: read a chunk's element range of the base and every fine-tuned model through
   the run's memory maps, call the method's chunk function, add the balance counts, write the
   merged bytes into the preallocated shard, store the masks, record the chunk as done;
+- ``verify``: on resume, check a recorded chunk's row and its bytes before reusing it;
 - ``copy_tensor``: copy a tensor the merge does not touch (integer buffers) from the base;
 - ``prepass``: the method's tensor-level pass (thresholds, statistics);
 - ``high_part`` ... ``share_global``: the threshold passes of ``scope: global``, one partial
@@ -22,6 +23,7 @@ from ..errors import CheckpointError
 from ..methods.base import Chunk
 from ..report import counts
 from .context import ContextRef, RunContext
+from .workstate import crc
 
 Ref = RunContext | ContextRef
 
@@ -56,12 +58,36 @@ def merge_chunk(ref: Ref, index: int, pre: Any) -> np.ndarray:
         raise CheckpointError(f"task vector has {int(bad[i])} NaN/Inf values in elements "
                               f"[{ch.start}, {ch.start + ch.count}); pass --allow-nonfinite to merge anyway",
                               model=plan.config.models[i].path, file=t.fts[i].file, tensor=t.name)
+    data = memoryview(out).cast("B")
     if run.shards is not None:
-        run.shards.write(t.shard, memoryview(out).cast("B"), t.out_start + ch.start * ITEMSIZE[t.out_dtype])
+        run.shards.write(t.shard, data, t.out_start + ch.start * ITEMSIZE[t.out_dtype], sync=run.durable)
     if run.masks is not None:
         run.masks.write(t.name, ch.start, masks)
-    run.state.record(index, stats)
+    run.state.record(index, stats, crc(data), crc(masks))  # only now is the chunk done
     return stats
+
+
+def verify(ref: Ref, index: int, row: np.ndarray) -> bool:
+    """Whether a recorded chunk can be reused: its row is intact and its bytes in the partial
+    output (and masks) still have the recorded CRCs."""
+    run = ref.get()
+    if not run.state.intact(index, row):
+        return False
+    plan = run.plan
+    ch = plan.chunks[index]
+    t = plan.tensors[ch.tensor]
+    size = ITEMSIZE[t.out_dtype]
+    if run.shards is not None:
+        data = run.shards.read(t.shard, t.out_start + ch.start * size, ch.count * size)
+        if data is None or crc(data) != int(row[-3]):
+            return False
+    if run.masks is not None:
+        try:
+            if crc(run.masks.read(t.name, ch.start, -(-ch.count // 8))) != int(row[-2]):
+                return False
+        except Exception:  # noqa: BLE001 - an unreadable mask chunk is redone
+            return False
+    return True
 
 
 def copy_tensor(ref: Ref, index: int) -> None:

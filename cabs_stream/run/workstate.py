@@ -1,21 +1,28 @@
 """Zarr v3 stores of a run: the resume record, and the optional bit-packed masks.
 
-- ``WorkState`` (``state.zarr`` in the work folder): ``stats`` holds one row of counts per
-  chunk, written after the chunk's bytes are in the output file; a row that is present marks
-  the chunk complete. ``attrs['fingerprint']`` names the configuration and inputs the state
-  belongs to; a state with another fingerprint is discarded, so two configurations never mix.
+- ``WorkState`` (``state.zarr`` in the work folder): ``records`` holds one row per chunk,
+  written only after the chunk's bytes are in the output file (and, with ``--durable``, on
+  disk): the chunk's counts, a CRC-32 of its output bytes, a CRC-32 of its packed masks and a
+  CRC-32 of the row itself keyed by the run's fingerprint. ``attrs['fingerprint']`` names the
+  configuration and the identity of every input (path, size, mtime, ctime, inode); a state
+  with another fingerprint, or one that cannot be read, is discarded with a one-line note. On
+  resume every reused chunk is verified (its row, and its bytes read back from the partial
+  output); what cannot be verified is merged again.
 - ``MaskStore``: one array per merged tensor, shape (k, ceil(numel / 8)) uint8, chunked like
   the merge, bit j of byte j // 8 (little-endian bit order) = element j kept by model i.
   With ``--save-masks`` it is written as ``cabs_masks.zarr`` inside the output folder.
 
 Both open their Zarr group lazily in each process that writes to them; nothing is cached
-beyond the object, which belongs to one run.
+beyond the object, which belongs to one run. No pickles: rows are int64, attrs are JSON.
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 import threading
+import warnings
+import zlib
 
 import numpy as np
 import zarr
@@ -23,6 +30,7 @@ import zarr
 from ..report.counts import width as stats_width
 
 MASKS_NAME = "cabs_masks.zarr"
+EXTRA = 3  # output CRC, masks CRC, row CRC
 
 
 class _LazyGroup:
@@ -39,51 +47,80 @@ class _LazyGroup:
         return self._group
 
     def __getstate__(self) -> dict:  # a process opens its own handle
-        return {"path": self.path}
+        return {k: v for k, v in self.__dict__.items() if k not in ("_group", "_lock")}
 
     def __setstate__(self, state: dict) -> None:
-        self.__init__(state["path"])
+        self.__dict__.update(state)
+        self._group = None
+        self._lock = threading.Lock()
+
+
+def crc(data: np.ndarray | bytes | memoryview) -> int:
+    return zlib.crc32(memoryview(data).cast("B") if not isinstance(data, bytes) else data)
 
 
 class WorkState(_LazyGroup):
     """The per-chunk completion record of one run."""
 
-    @classmethod
-    def open(cls, path: str, fingerprint: str, n_chunks: int, k: int) -> tuple["WorkState", np.ndarray]:
-        """Reopen the state of ``fingerprint``, or create it afresh. Returns the state and
-        the rows recorded so far (row[0] < 0: chunk not done)."""
-        g = None
-        try:
-            g = zarr.open_group(path, mode="r+")
-            if g.attrs.get("fingerprint") != fingerprint:
-                g = None
-        except (FileNotFoundError, zarr.errors.GroupNotFoundError, ValueError, KeyError):
-            g = None
-        if g is None:
-            shutil.rmtree(path, ignore_errors=True)
-            g = zarr.open_group(path, mode="w")
-            g.create_array("stats", shape=(max(n_chunks, 1), stats_width(k)), chunks=(1, stats_width(k)),
-                           dtype="int64", fill_value=-1, compressors=None)
-            g.attrs["fingerprint"] = fingerprint  # written last: a state without it is incomplete
-        rows = g["stats"][:] if n_chunks else np.zeros((0, stats_width(k)), np.int64)
-        return cls(path), rows
+    def __init__(self, path: str, fingerprint: str = "") -> None:
+        super().__init__(path)
+        self.fingerprint = fingerprint
 
-    def record(self, index: int, stats: np.ndarray) -> None:
-        self.group()["stats"][index] = stats
+    @classmethod
+    def open(cls, path: str, fingerprint: str, n_chunks: int, k: int) -> tuple["WorkState", np.ndarray, bool]:
+        """Reopen the state of ``fingerprint``, or create it afresh. Returns the state, the
+        rows recorded so far (row[0] < 0: chunk not done) and whether it was reopened."""
+        width = stats_width(k) + EXTRA
+        if os.path.lexists(path):
+            try:
+                g = zarr.open_group(path, mode="r+")
+                if g.attrs.get("fingerprint") == fingerprint:
+                    rows = np.asarray(g["records"][:], np.int64)
+                    if rows.shape == (max(n_chunks, 1), width):
+                        return cls(path, fingerprint), rows, True
+                else:
+                    warnings.warn("the work folder held another configuration's (or older inputs') state; "
+                                  "starting clean", stacklevel=2)
+            except Exception as e:  # noqa: BLE001 - any unreadable state is discarded, never trusted
+                warnings.warn(f"the work state could not be read ({type(e).__name__}); starting clean", stacklevel=2)
+            shutil.rmtree(path, ignore_errors=True)
+        g = zarr.open_group(path, mode="w")
+        g.create_array("records", shape=(max(n_chunks, 1), width), chunks=(1, width), dtype="int64",
+                       fill_value=-1, compressors=None)
+        g.attrs["fingerprint"] = fingerprint  # written last: a state without it is incomplete
+        return cls(path, fingerprint), np.full((max(n_chunks, 1), width), -1, np.int64), False
+
+    def _row_crc(self, index: int, row: np.ndarray) -> int:
+        return zlib.crc32(np.ascontiguousarray(row, np.int64).tobytes(),
+                          zlib.crc32(f"{self.fingerprint}:{index}".encode()))
+
+    def record(self, index: int, stats: np.ndarray, out_crc: int, masks_crc: int) -> None:
+        row = np.concatenate([stats, [out_crc, masks_crc]]).astype(np.int64)
+        self.group()["records"][index] = np.concatenate([row, [self._row_crc(index, row)]])
+
+    def intact(self, index: int, row: np.ndarray) -> bool:
+        """The row was written by this run's configuration for this chunk and is undamaged."""
+        return row[0] >= 0 and int(row[-1]) == self._row_crc(index, row[:-1])
+
+    def invalidate(self) -> None:
+        """Forget every record (before the output is moved into place)."""
+        shutil.rmtree(self.path, ignore_errors=True)
 
 
 class MaskStore(_LazyGroup):
     """Bit-packed masks per tensor (for ``--save-masks`` and ``analyze``)."""
 
     @classmethod
-    def create(cls, path: str, k: int, tensors: dict[str, tuple[int, int]], attrs: dict) -> "MaskStore":
-        """``tensors`` maps name -> (numel, elements per chunk); reopened as is when complete."""
-        try:
-            g = zarr.open_group(path, mode="r+")
-            if g.attrs.get("fingerprint") == attrs.get("fingerprint"):
-                return cls(path)
-        except (FileNotFoundError, zarr.errors.GroupNotFoundError, ValueError, KeyError):
-            pass
+    def create(cls, path: str, k: int, tensors: dict[str, tuple[int, int]], attrs: dict, keep: bool) -> "MaskStore":
+        """``tensors`` maps name -> (numel, elements per chunk); with ``keep`` an existing store of
+        the same fingerprint is reopened (a resume; its chunks are verified by CRC)."""
+        if keep:
+            try:
+                g = zarr.open_group(path, mode="r+")
+                if g.attrs.get("fingerprint") == attrs.get("fingerprint"):
+                    return cls(path)
+            except Exception:  # noqa: BLE001 - unreadable: recreated, and every chunk redone
+                pass
         shutil.rmtree(path, ignore_errors=True)
         g = zarr.open_group(path, mode="w")
         for name, (numel, chunk) in tensors.items():
@@ -94,3 +131,6 @@ class MaskStore(_LazyGroup):
 
     def write(self, tensor: str, start: int, masks: np.ndarray) -> None:
         self.group()[tensor][:, start // 8: start // 8 + masks.shape[1]] = masks
+
+    def read(self, tensor: str, start: int, nbytes: int) -> np.ndarray:
+        return np.ascontiguousarray(self.group()[tensor][:, start // 8: start // 8 + nbytes])
