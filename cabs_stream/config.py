@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import stat
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Iterable
@@ -22,6 +23,9 @@ from .methods.base import Method, Param
 
 _TOP_KEYS = {"merge_method", "base_model", "models", "parameters", "dtype", "tokenizer_source", "exclude"}
 _MODEL_KEYS = {"model", "parameters"}
+MAX_YAML_BYTES = 1 << 20  # a merge recipe is a few hundred bytes
+MAX_YAML_NODES = 100_000  # values after alias expansion (a "billion laughs" file is refused)
+FLOAT32_MAX = 3.4028234663852886e38
 
 #: A parameter value: a scalar, or mergekit's list of {filter, value} conditions (the first
 #: whose filter is absent, "*" or a substring of the tensor name applies), kept as a tuple.
@@ -148,17 +152,21 @@ def check_value(p: Param, value: Any, where: str, models: list[str] | None = Non
     what = f"{where}: {p.name}"
     if p.kind == "float":
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise ConfigError(f"{what} must be a finite number, got {value!r}")
+            raise ConfigError(f"{what} must be a finite number, got {_short(value)}")
         value = float(value)
+        if abs(value) > FLOAT32_MAX:
+            raise ConfigError(f"{what} must fit in float32 (|x| <= 3.4e38), got {value!r}")
     elif p.kind == "int":
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{what} must be an integer, got {value!r}")
+            raise ConfigError(f"{what} must be an integer, got {_short(value)}")
+        if not -2**63 <= value < 2**63:
+            raise ConfigError(f"{what} is out of range (64-bit integers), got {_short(value)}")
     elif p.kind == "bool":
         if not isinstance(value, bool):
-            raise ConfigError(f"{what} must be true or false, got {value!r}")
+            raise ConfigError(f"{what} must be true or false, got {_short(value)}")
     elif p.kind == "choice":
-        if value not in p.choices:
-            raise ConfigError(f"{what} must be one of {', '.join(p.choices)}, got {value!r}")
+        if not isinstance(value, str) or value not in p.choices:
+            raise ConfigError(f"{what} must be one of {', '.join(p.choices)}, got {_short(value)}")
     elif p.kind == "models":
         return _model_order(value, models or [], what)
     if p.lo is not None and not p.lo <= value <= p.hi:
@@ -166,9 +174,14 @@ def check_value(p: Param, value: Any, where: str, models: list[str] | None = Non
     return value
 
 
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
 def _model_order(value: Any, models: list[str], what: str) -> tuple[int, ...]:
     if not isinstance(value, (list, tuple)) or not all(isinstance(x, (str, os.PathLike)) for x in value):
-        raise ConfigError(f"{what} must be a list of model paths, got {value!r}")
+        raise ConfigError(f"{what} must be a list of model paths, got {_short(value)}")
     index = {os.path.realpath(p): i for i, p in enumerate(models)}
     order = []
     for p in value:
@@ -181,10 +194,10 @@ def _model_order(value: Any, models: list[str], what: str) -> tuple[int, ...]:
     return tuple(order)
 
 
-def _unknown(keys: Iterable[str], allowed: set[str], where: str) -> None:
-    extra = sorted(set(keys) - allowed)
+def _unknown(keys: Iterable[Any], allowed: set[str], where: str) -> None:
+    extra = sorted((k for k in keys if k not in allowed), key=str)
     if extra:
-        raise ConfigError(f"unknown key {extra[0]!r} in {where} (allowed: {', '.join(sorted(allowed))})")
+        raise ConfigError(f"unknown key {_short(extra[0])} in {where} (allowed: {', '.join(sorted(allowed))})")
 
 
 def _not_for_method(name: str, method: Method, where: str) -> ConfigError:
@@ -212,12 +225,17 @@ def build_config(*, method: str = "cabs", base: str, models: list[str] | list[Mo
     ``density`` are shorthands for entries of it. ``weights`` gives one weight per model and
     ``model_params`` one dict of per-model parameters per model (both in the models' order).
     """
-    try:
-        spec = registry.get(method)
-    except KeyError:
-        raise ConfigError(f"unknown merge_method {method!r}; choose one of {', '.join(registry.names())}") from None
-    if not base:
-        raise ConfigError("base_model is required")
+    if not isinstance(method, str) or method not in registry.names():
+        raise ConfigError(f"unknown merge_method {_short(method)}; choose one of {', '.join(registry.names())}")
+    spec = registry.get(method)
+    if not base or not isinstance(base, (str, os.PathLike)):
+        raise ConfigError(f"base_model must be a path, got {_short(base)}")
+    for s in models:
+        if not isinstance(s, (ModelSpec, str, os.PathLike)):
+            raise ConfigError(f"a model must be a path, got {_short(s)}")
+    for what, v in (("dtype", dtype), ("tokenizer_source", tokenizer_source)):
+        if v is not None and not isinstance(v, (str, os.PathLike)):
+            raise ConfigError(f"{what} must be a string, got {_short(v)}")
     specs = [s if isinstance(s, ModelSpec) else ModelSpec(str(s)) for s in models]
     if not specs:
         raise ConfigError("at least one fine-tuned model is required")
@@ -269,7 +287,7 @@ def build_config(*, method: str = "cabs", base: str, models: list[str] | list[Mo
             raise ConfigError(f"model {s.path} is listed twice (same as {what})")
         seen[r] = s.path
     try:
-        out_dtype = parse_dtype(dtype) if dtype else None
+        out_dtype = parse_dtype(str(dtype)) if dtype else None
     except ValueError as e:
         raise ConfigError(str(e)) from None
     return MergeConfig(spec.name, str(base), tuple(checked), shared, out_dtype, tokenizer_source,
@@ -280,12 +298,18 @@ def load_config(path: str, **overrides: Any) -> MergeConfig:
     """Read a mergekit-style YAML file. ``overrides`` (non-None) replace its values; its
     ``params`` entries replace single parameters."""
     try:
+        st = os.stat(path)
+        if not stat.S_ISREG(st.st_mode):
+            raise ConfigError(f"config {path} is not a regular file")
+        if st.st_size > MAX_YAML_BYTES:
+            raise ConfigError(f"config {path} is larger than {MAX_YAML_BYTES >> 10} KiB; a merge recipe is far smaller")
         with open(path, encoding="utf-8") as f:
             doc = yaml.safe_load(f)
     except OSError as e:
         raise ConfigError(f"cannot read config {path}: {e.strerror}") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"config {path} is not valid YAML: {e}") from None
+    except (yaml.YAMLError, UnicodeDecodeError, RecursionError) as e:
+        raise ConfigError(f"config {path} is not valid YAML: {' '.join(str(e).split())[:300]}") from None
+    _check_size(doc, path)
     if not isinstance(doc, dict):
         raise ConfigError(f"config {path} must be a mapping with merge_method, base_model and models")
     _unknown(doc, _TOP_KEYS, f"config {path}")
@@ -300,7 +324,7 @@ def load_config(path: str, **overrides: Any) -> MergeConfig:
         if isinstance(e, str):
             e = {"model": e}
         if not isinstance(e, dict) or not isinstance(e.get("model"), str):
-            raise ConfigError(f"each models entry needs a 'model' path, got {e!r}")
+            raise ConfigError(f"each models entry needs a 'model' path, got {_short(e)}")
         _unknown(e, _MODEL_KEYS, f"models entry {e['model']}")
         p = e.get("parameters") or {}
         if not isinstance(p, dict):
@@ -325,6 +349,22 @@ def load_config(path: str, **overrides: Any) -> MergeConfig:
     return build_config(**kw)
 
 
+def _check_size(doc: Any, path: str) -> None:
+    """Refuse a document that expands (through YAML aliases) into too many values."""
+    budget = MAX_YAML_NODES
+    stack = [doc]
+    while stack:
+        node = stack.pop()
+        budget -= 1
+        if budget < 0:
+            raise ConfigError(f"config {path} expands to more than {MAX_YAML_NODES} values (YAML aliases?); refused")
+        if isinstance(node, dict):
+            stack.extend(node.keys())
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+
+
 def _strings(value: Any, what: str) -> list[str]:
     if value is None:
         return []
@@ -346,4 +386,7 @@ def parse_size(text: str | int) -> int:
     unit = (mt.group(2) or "b").lower().rstrip("b")
     power = " kmgt".index(unit[0]) if unit else 0
     base = 1024 if unit.endswith("i") else 1000
-    return int(float(mt.group(1)) * base ** power)
+    value = float(mt.group(1)) * base ** power
+    if not value < 2**62:
+        raise ConfigError(f"size {text!r} is too large")
+    return int(value)

@@ -14,8 +14,9 @@ from typing import Any
 
 from . import __version__
 from .config import MergeConfig, load_config, parse_size
-from .errors import ConfigError
+from .errors import ConfigError, OutputError
 from .io import output
+from .io.inputs import LeaseGuard
 from .plan import Plan, engine_settings, make_plan
 from .report.progress import MergeProgress
 from .report.summary import summarize
@@ -79,7 +80,7 @@ def run(cfg: MergeConfig, work: str, *, chunk_size: int | None = None, workers: 
                                             "of the flattened tensor kept by model i"}, keep=reopened)
 
     ctx = RunContext(plan, method, prep, shards, state, masks, allow_nonfinite, durable, uuid.uuid4().hex)
-    with ctx:
+    with LeaseGuard([f for ck in (plan.base, *plan.models) for f in ck.files]), ctx:
         recorded = [i for i in range(len(plan.chunks)) if previous[i, 0] >= 0]
         reused = {i for i in recorded if tasks.verify(ctx, i, previous[i])}
         if len(reused) < len(recorded):
@@ -134,12 +135,26 @@ def merge(config: MergeConfig | str, out_dir: str, *, chunk_size: int | None = N
     cfg = load_config(config) if isinstance(config, (str, os.PathLike)) else config
     inputs = [cfg.base, *(s.path for s in cfg.models)] + ([cfg.tokenizer_source] if cfg.tokenizer_source else [])
     output.check_output(out_dir, inputs, overwrite)
+    out_dir = os.path.abspath(out_dir)  # one spelling from here on (".." resolved as check_output did)
+    if cfg.tokenizer_source:
+        output.check_tokenizer_source(cfg.tokenizer_source)
     work = output.work_dir(out_dir)
+    try:
+        return _merge(cfg, out_dir, work, chunk_size=chunk_size, workers=workers, memory=memory,
+                      scheduler=scheduler, shard_size=shard_size, overwrite=overwrite, save_masks=save_masks,
+                      allow_nonfinite=allow_nonfinite, quiet=quiet, durable=durable)
+    except OSError as e:  # what the checks could not foresee: a disk filling up, a file vanishing
+        where = f" {e.filename}" if e.filename else ""
+        raise OutputError(f"I/O error{where}: {e.strerror or e}; the work folder is kept, rerun to resume") from None
+    except MemoryError:
+        raise ConfigError("out of memory: lower --memory, --chunk-size or --workers") from None
+
+
+def _merge(cfg: MergeConfig, out_dir: str, work: str, *, overwrite: bool, save_masks: bool, durable: bool,
+           **engine: Any) -> MergeResult:
     lock = output.WorkLock(work, out_dir)
     try:
-        plan, report = run(cfg, work, chunk_size=chunk_size, workers=workers, memory=memory, scheduler=scheduler,
-                           shard_size=shard_size, save_masks=save_masks, allow_nonfinite=allow_nonfinite,
-                           quiet=quiet, durable=durable)
+        plan, report = run(cfg, work, save_masks=save_masks, durable=durable, **engine)
         model_dir = os.path.join(work, "model")
         manifest = {"tool": "cabs-stream", "version": __version__, **cfg.describe(),
                     "output_dtypes": sorted({t.out_dtype for t in plan.tensors}),

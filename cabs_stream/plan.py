@@ -19,6 +19,8 @@ from .io.checkpoint import Checkpoint, open_checkpoint
 from .io.safetensors_format import TensorInfo, build_header
 
 DEFAULT_CHUNK = 1 << 22  # elements
+MAX_CHUNK = 1 << 27  # elements (a chunk's buffers stay well inside 32-bit element counts)
+MAX_WORKERS = 1024
 RUNTIME_RESERVE = 256 << 20  # bytes for the interpreter, numba, dask and zarr
 
 
@@ -165,11 +167,11 @@ def engine_settings(config: MergeConfig, chunk_size: int | None, workers: int | 
     """
     # Chunks wait on page faults as much as on the CPU: two per core keep the disk busy.
     workers = workers or 2 * (os.cpu_count() or 1)
-    if workers < 1:
-        raise ConfigError(f"--workers must be at least 1, got {workers}")
+    if not 1 <= workers <= MAX_WORKERS:
+        raise ConfigError(f"--workers must be between 1 and {MAX_WORKERS}, got {workers}")
     if chunk_size is not None:
-        if chunk_size < 1:
-            raise ConfigError(f"--chunk-size must be positive, got {chunk_size}")
+        if not 1 <= chunk_size <= MAX_CHUNK:
+            raise ConfigError(f"--chunk-size must be between 1 and {MAX_CHUNK} elements, got {chunk_size}")
         return chunk_size, workers
     if memory is None:
         return DEFAULT_CHUNK, workers

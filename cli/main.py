@@ -20,7 +20,10 @@ from cabs_stream.methods.base import Param
 
 
 def _fail(e: Exception) -> None:
-    click.echo(f"error: {e}", err=True)
+    """One line on stderr, exit code 2."""
+    if isinstance(e, OSError):
+        e = f"I/O error{' ' + str(e.filename) if e.filename else ''}: {e.strerror or e}"
+    click.echo("error: " + " ".join(str(e).split()), err=True)
     sys.exit(2)
 
 
@@ -192,7 +195,7 @@ def merge_cmd(config, out_dir, output, method, base, models, weights, dtype, tok
                             scheduler=scheduler, shard_size=shard_size, overwrite=overwrite,
                             save_masks=save_masks, allow_nonfinite=allow_nonfinite, quiet=quiet, durable=durable)
             _notes(notes)
-    except CabsError as e:
+    except (CabsError, OSError) as e:
         _notes(notes)
         _fail(e)
     except KeyboardInterrupt:
@@ -266,7 +269,7 @@ def analyze_cmd(config, out, methods, sparsities, tensor, no_plots, chunk_size, 
     try:
         res = analyze(load_config(config), out, list(methods), list(sparsities), tensor=tensor,
                       plots=not no_plots, chunk_size=chunk_size, workers=workers, memory=memory, quiet=quiet)
-    except CabsError as e:
+    except (CabsError, OSError) as e:
         _fail(e)
     if not quiet:
         click.echo(f"{'method':<12} {'sparsity':>8} {'density':>8} {'overlap':>8} {'CV rows':>8} {'CV groups':>9}")
@@ -282,7 +285,8 @@ def analyze_cmd(config, out, methods, sparsities, tensor, no_plots, chunk_size, 
 @main.command("demo")
 @click.option("--out", "out", type=click.Path(file_okay=False), default=None,
               help="Where to put the demo family and merge (default: a new temporary folder).")
-@click.option("--models", "k", type=int, default=2, show_default=True, help="Fine-tuned models to generate.")
+@click.option("--models", "k", type=click.IntRange(1, 16), default=2, show_default=True,
+              help="Fine-tuned models to generate (1-16).")
 @click.option("--quiet", "-q", is_flag=True, help="Only print the output folder.")
 def demo_cmd(out, k, quiet) -> None:
     """Generate a small Llama-shaped family (no downloads) and merge it with CABS 64:256."""

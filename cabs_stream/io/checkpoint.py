@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 from dataclasses import dataclass, field
 
 from . import torch_bin
@@ -16,6 +17,46 @@ from .safetensors_format import TensorInfo, read_header
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
+MAX_JSON_BYTES = 64 << 20  # index and config files larger than this are refused
+
+
+def regular_file(path: str, label: str) -> None:
+    """Refuse anything but a regular file (a FIFO or device would block or never end)."""
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        raise CheckpointError(f"cannot read: {e.strerror}", model=label, file=path) from None
+    if not stat.S_ISREG(st.st_mode):
+        raise CheckpointError("not a regular file (a FIFO, device or folder where a file is expected)",
+                              model=label, file=path)
+
+
+def load_json(path: str, label: str, what: str) -> object:
+    """A small JSON file of a checkpoint, read safely: regular file, size cap, UTF-8 JSON."""
+    regular_file(path, label)
+    if os.path.getsize(path) > MAX_JSON_BYTES:
+        raise CheckpointError(f"{what} is larger than {MAX_JSON_BYTES >> 20} MiB", model=label, file=path)
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError, RecursionError) as e:
+        raise CheckpointError(f"{what} is not valid JSON ({str(e).splitlines()[0][:120]})", model=label,
+                              file=path) from None
+
+
+def shard_names(weight_map: object, label: str, index: str) -> list[str]:
+    """The shard files of an index's ``weight_map`` (tensor -> file in the same folder)."""
+    if not isinstance(weight_map, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                                   for k, v in weight_map.items()):
+        raise CheckpointError("index needs a 'weight_map' object of tensor name -> shard file", model=label,
+                              file=index)
+    if not weight_map:
+        raise CheckpointError("index lists no tensors (empty weight_map)", model=label, file=index)
+    shards = sorted(set(weight_map.values()))
+    for shard in shards:
+        if os.path.basename(shard) != shard or shard in ("", ".", ".."):
+            raise CheckpointError(f"index points outside its folder: {shard!r}", model=label, file=index)
+    return shards
 
 
 @dataclass
@@ -33,8 +74,10 @@ def open_checkpoint(path: str, convert_dir: str | None = None) -> Checkpoint:
     every header. ``.bin`` checkpoints are converted into ``convert_dir`` first (torch_bin.py)."""
     label = str(path)
     path = os.path.abspath(path)
+    if os.path.exists(path) and not (os.path.isdir(path) or os.path.isfile(path)):
+        regular_file(path, label)
     has_safetensors = os.path.isdir(path) and any(f.endswith(".safetensors") for f in os.listdir(path))
-    bins = None if has_safetensors else torch_bin.bin_files(path)
+    bins = None if has_safetensors else torch_bin.bin_files(path, label)
     if bins:
         if convert_dir is None:
             raise CheckpointError("PyTorch .bin checkpoint: merge it through cabs_stream.merge, which converts it",
@@ -50,8 +93,11 @@ def open_checkpoint(path: str, convert_dir: str | None = None) -> Checkpoint:
     if not os.path.isdir(path):
         raise CheckpointError("no such file or folder", model=label)
 
+    config = os.path.join(path, "config.json")
+    if os.path.lexists(config) and not isinstance(load_json(config, label, "config.json"), dict):
+        raise CheckpointError("config.json is not a JSON object", model=label, file=config)
     index = os.path.join(path, INDEX_NAME)
-    if os.path.exists(index):
+    if os.path.lexists(index):
         return _open_indexed(label, path, index)
     single = os.path.join(path, SINGLE_NAME)
     files = [single] if os.path.exists(single) else sorted(
@@ -70,19 +116,13 @@ def open_checkpoint(path: str, convert_dir: str | None = None) -> Checkpoint:
 
 
 def _open_indexed(label: str, root: str, index: str) -> Checkpoint:
-    try:
-        with open(index, encoding="utf-8") as f:
-            weight_map = json.load(f)["weight_map"]
-        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
-            raise TypeError
-    except (OSError, ValueError, KeyError, TypeError):
-        raise CheckpointError("index is not valid JSON with a 'weight_map' of tensor -> shard",
-                              model=label, file=index) from None
-    shards = sorted(set(weight_map.values()))
+    doc = load_json(index, label, "index")
+    weight_map = doc.get("weight_map") if isinstance(doc, dict) else None
+    shards = shard_names(weight_map, label, index)
     headers = {}
     for shard in shards:
         p = os.path.join(root, shard)
-        if os.path.basename(shard) != shard or not os.path.isfile(p):
+        if not os.path.lexists(p):
             missing = [n for n, s in weight_map.items() if s == shard][:1]
             raise CheckpointError(f"index points to missing shard {shard!r}", model=label, file=index,
                                   tensor=missing[0] if missing else None)

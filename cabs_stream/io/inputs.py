@@ -8,12 +8,16 @@ grows with the model. The maps belong to an ``InputMaps`` object that the run cl
 
 from __future__ import annotations
 
+import fcntl
 import mmap
+import os
+import signal
 import threading
 
 import numpy as np
 
 from ..codec import ITEMSIZE
+from ..errors import CheckpointError
 from .safetensors_format import TensorInfo
 
 _PAGE = mmap.PAGESIZE
@@ -26,31 +30,45 @@ def byte_range(info: TensorInfo, start: int, count: int) -> tuple[int, int]:
     return info.start + start * size, info.start + (start + count) * size
 
 
+def changed(path: str) -> CheckpointError:
+    return CheckpointError("the file changed during the merge (truncated or rewritten by another process); "
+                           "nothing was written under the output name: rerun once it is complete", file=path)
+
+
 class InputMaps:
-    """One read-only map per input file, opened on first use, all closed by ``close``."""
+    """One read-only map per input file, opened on first use, all closed by ``close``. Before a
+    chunk is read, its file is checked to still hold the mapped bytes (a file truncated under
+    a map would kill the process with SIGBUS on the next access)."""
 
     def __init__(self) -> None:
-        self._maps: dict[str, mmap.mmap] = {}
+        self._maps: dict[str, tuple[mmap.mmap, int]] = {}
         self._lock = threading.Lock()
 
     def _map(self, path: str) -> mmap.mmap:
-        mm = self._maps.get(path)
-        if mm is None:
+        entry = self._maps.get(path)
+        if entry is None:
             with self._lock:
-                mm = self._maps.get(path)
-                if mm is None:
-                    with open(path, "rb") as f:
-                        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-                    self._maps[path] = mm
+                entry = self._maps.get(path)
+                if entry is None:
+                    fd = os.open(path, os.O_RDONLY)
+                    try:
+                        entry = self._maps[path] = (mmap.mmap(fd, 0, access=mmap.ACCESS_READ), fd)
+                    except BaseException:
+                        os.close(fd)
+                        raise
+        mm, fd = entry
+        if os.fstat(fd).st_size < len(mm):
+            raise changed(path)
         return mm
 
     def close(self) -> None:
         with self._lock:
-            for mm in self._maps.values():
+            for mm, fd in self._maps.values():
                 try:
                     mm.close()
                 except BufferError:  # a view is still alive somewhere; the map goes with it
                     pass
+                os.close(fd)
             self._maps.clear()
 
     def words(self, info: TensorInfo, start: int, count: int) -> np.ndarray:
@@ -73,7 +91,8 @@ class InputMaps:
         a -= a % _PAGE
         if advice == mmap.MADV_DONTNEED:
             b += -b % _PAGE
-        mm = self._map(info.file)
+        entry = self._maps.get(info.file)
+        mm = entry[0] if entry is not None and advice == mmap.MADV_DONTNEED else self._map(info.file)
         b = min(b, len(mm))
         if b > a:
             mm.madvise(advice, a, b - a)
@@ -87,3 +106,52 @@ class InputMaps:
         """Drop the mapped pages of a chunk from this process (the page cache keeps them)."""
         for info in infos:
             self._advise(info, start, count, mmap.MADV_DONTNEED)
+
+
+class LeaseGuard:
+    """Read leases on the input files for the whole run (Linux ``F_SETLEASE``).
+
+    Another process that opens an input for writing or truncates it is then held back by the
+    kernel until the lease is released, and this process gets SIGIO: the handler stops the run
+    (a clean ``CheckpointError``; tasks in flight finish on intact pages), the leases are
+    released, and only then does the other process proceed, so a map never loses its pages
+    under a running kernel. Leases need the main thread (for the signal handler) and files this
+    user owns; without them, each chunk still checks its files' sizes before reading
+    (``InputMaps``), which leaves only a truncation racing a chunk in progress uncovered.
+    """
+
+    def __init__(self, files: list[str]) -> None:
+        self.files = files
+        self.fds: dict[int, str] = {}
+        self.old = None
+        self.broken: str | None = None
+
+    def __enter__(self) -> "LeaseGuard":
+        if threading.current_thread() is not threading.main_thread() or not hasattr(fcntl, "F_SETLEASE"):
+            return self
+        self.old = signal.signal(signal.SIGIO, self._on_break)
+        for path in dict.fromkeys(self.files):
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except OSError:
+                continue
+            try:
+                fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_RDLCK)
+                self.fds[fd] = path
+            except OSError:  # not our file, or open for writing elsewhere: the chunk checks remain
+                os.close(fd)
+        return self
+
+    def _on_break(self, signum: int, frame: object) -> None:
+        if self.broken is None:
+            breaking = [p for fd, p in self.fds.items() if fcntl.fcntl(fd, fcntl.F_GETLEASE) == fcntl.F_UNLCK]
+            self.broken = (breaking or list(self.fds.values()) or ["an input file"])[0]
+            raise changed(self.broken)
+
+    def __exit__(self, *exc: object) -> None:
+        for fd in self.fds:
+            os.close(fd)  # releases the lease: the other process proceeds
+        self.fds.clear()
+        if self.old is not None:
+            signal.signal(signal.SIGIO, self.old)
+            self.old = None

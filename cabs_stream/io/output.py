@@ -99,6 +99,7 @@ def check_output(out_dir: str, inputs: list[str], overwrite: bool) -> None:
     exists (unless ``overwrite``) or is not a folder, and one whose parent cannot hold it."""
     if not out_dir or "\0" in str(out_dir):
         raise OutputError(f"invalid output folder {out_dir!r}")
+    out_dir = os.path.abspath(out_dir)  # ".." taken lexically, as every later step takes it
     out = os.path.realpath(out_dir)
     for p in inputs:
         root = os.path.realpath(p)
@@ -230,6 +231,14 @@ def preallocate(plan: Plan, model_dir: str, resume: bool, keep: tuple[str, ...] 
                     raise OutputError(f"cannot reserve {shard.size / 1e9:.2f} GB for {path}: {e.strerror}") from None
         paths.append(path)
     return paths
+
+
+def check_tokenizer_source(path: str) -> None:
+    """A tokenizer source must be a folder holding at least one tokenizer file."""
+    if not os.path.isdir(path):
+        raise OutputError(f"tokenizer_source {path} is not a folder")
+    if not any(os.path.isfile(os.path.join(path, n)) for n in TOKENIZER_FILES):
+        raise OutputError(f"tokenizer_source {path} holds no tokenizer file (looked for {', '.join(TOKENIZER_FILES)})")
 
 
 def _copy_file(src_dir: str, name: str, dst_dir: str) -> bool:

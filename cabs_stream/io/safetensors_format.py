@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import stat
 import struct
 from dataclasses import dataclass
 
@@ -19,6 +20,10 @@ from ..errors import CheckpointError
 
 #: Same cap as the reference implementation: larger headers are refused.
 MAX_HEADER_BYTES = 100_000_000
+#: Tensors per file (the largest real checkpoints hold a few thousand per shard).
+MAX_TENSORS = 200_000
+#: Dimensions per tensor.
+MAX_DIMS = 16
 
 
 @dataclass(frozen=True)
@@ -51,7 +56,10 @@ def read_header(path: str, model: str | None = None) -> tuple[dict[str, TensorIn
         return CheckpointError(msg, model=model, file=path, tensor=tensor)
 
     try:
-        size = os.path.getsize(path)
+        st = os.stat(path)
+        if not stat.S_ISREG(st.st_mode):
+            raise fail("not a regular file (a FIFO, device or folder where a file is expected)")
+        size = st.st_size
         with open(path, "rb") as f:
             head = f.read(8)
             if len(head) < 8:
@@ -74,6 +82,8 @@ def read_header(path: str, model: str | None = None) -> tuple[dict[str, TensorIn
         raise fail(f"header is not valid JSON ({e})") from None
     if not isinstance(obj, dict):
         raise fail("header is not a JSON object")
+    if len(obj) > MAX_TENSORS:
+        raise fail(f"header lists {len(obj)} entries, more than the {MAX_TENSORS} accepted per file")
 
     data_start = 8 + n
     data_len = size - data_start
@@ -88,7 +98,7 @@ def read_header(path: str, model: str | None = None) -> tuple[dict[str, TensorIn
         dtype, shape, offs = entry["dtype"], entry["shape"], entry["data_offsets"]
         if not isinstance(dtype, str) or dtype not in ITEMSIZE:
             raise fail(f"unknown dtype {dtype!r}", name)
-        if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
+        if not isinstance(shape, list) or len(shape) > MAX_DIMS or not all(_is_int(d) and 0 <= d < 2**48 for d in shape):
             raise fail(f"invalid shape {shape!r}", name)
         if (not isinstance(offs, list) or len(offs) != 2 or not all(_is_int(o) for o in offs)
                 or not 0 <= offs[0] <= offs[1]):

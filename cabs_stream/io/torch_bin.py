@@ -9,7 +9,6 @@ merge reads it like any other checkpoint. torch is needed only here.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 
 from ..errors import CheckpointError
@@ -19,16 +18,24 @@ BIN_INDEX = "pytorch_model.bin.index.json"
 BIN_SUFFIXES = (".bin", ".pt", ".pth")
 
 
-def bin_files(path: str) -> list[str] | None:
+def bin_files(path: str, label: str) -> list[str] | None:
     """The .bin files of a checkpoint, or None if it is not a .bin checkpoint."""
+    from .checkpoint import load_json, regular_file, shard_names
     if os.path.isfile(path):
         return [path] if path.endswith(BIN_SUFFIXES) else None
     index = os.path.join(path, BIN_INDEX)
-    if os.path.exists(index):
-        with open(index, encoding="utf-8") as f:
-            return [os.path.join(path, s) for s in sorted(set(json.load(f)["weight_map"].values()))]
-    single = os.path.join(path, "pytorch_model.bin")
-    return [single] if os.path.exists(single) else None
+    if os.path.lexists(index):
+        doc = load_json(index, label, "index")
+        files = [os.path.join(path, s) for s in shard_names(doc.get("weight_map") if isinstance(doc, dict) else None,
+                                                            label, index)]
+    else:
+        single = os.path.join(path, "pytorch_model.bin")
+        files = [single] if os.path.lexists(single) else None
+    for f in files or ():
+        if not os.path.lexists(f):
+            raise CheckpointError("index points to a missing file", model=label, file=f)
+        regular_file(f, label)
+    return files
 
 
 def convert(label: str, files: list[str], dest_root: str) -> str:

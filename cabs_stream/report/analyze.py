@@ -8,6 +8,7 @@ of rows at a time. Plots need matplotlib (``pip install 'cabs-stream[plots]'``).
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
 import re
@@ -19,7 +20,8 @@ import zarr
 
 from ..config import MergeConfig, ModelSpec, build_config
 from ..methods import registry
-from ..errors import ConfigError
+from ..errors import ConfigError, OutputError
+from ..io import output
 from ..pipeline import run
 from ..run.workstate import MASKS_NAME
 
@@ -90,8 +92,17 @@ def analyze(cfg: MergeConfig, out_dir: str, methods: list[str], sparsities: list
     for s in sparsities:
         if not 0 <= s < 1:
             raise ConfigError(f"sparsity must be in [0, 1), got {s}")
+    if not sparsities or not methods:
+        raise ConfigError("give at least one method and one sparsity")
+    if plots:
+        _pyplot()  # fail before the work, not after it
+    inputs = [cfg.base, *(s.path for s in cfg.models)]
+    output.check_output(out_dir, inputs, overwrite=True)  # never inside, or holding, an input
+    if os.path.lexists(out_dir) and not os.path.isdir(out_dir):
+        raise OutputError(f"analysis output {out_dir} exists and is not a folder")
     os.makedirs(out_dir, exist_ok=True)
     work = os.path.join(out_dir, ".analysis-work")
+    output.private_dir(work)
     results: dict[str, Any] = {"models": [s.path for s in cfg.models], "points": []}
     heat: dict[str, np.ndarray] = {}
     shown = tensor
@@ -103,8 +114,16 @@ def analyze(cfg: MergeConfig, out_dir: str, methods: list[str], sparsities: list
                 plan, rep = run(v, wd, chunk_size=chunk_size, workers=workers, memory=memory, quiet=quiet,
                                 dry=True, save_masks=True)
                 if shown is None:  # the largest 2-D merged tensor
-                    shown = max((t for t in plan.tensors if t.merged and len(t.shape) == 2),
-                                key=lambda t: t.numel).name
+                    two_d = [t for t in plan.tensors if t.merged and len(t.shape) == 2]
+                    if not two_d:
+                        raise ConfigError("no merged 2-D tensor to show in the heatmap; name one with --tensor")
+                    shown = max(two_d, key=lambda t: t.numel).name
+                else:
+                    names = [t.name for t in plan.tensors if t.merged and len(t.shape) >= 2]
+                    if shown not in names:
+                        near = difflib.get_close_matches(shown, names, n=5, cutoff=0.4)
+                        raise ConfigError(f"--tensor {shown!r} is not a merged tensor of 2 or more dimensions"
+                                          + (f"; did you mean {', '.join(near)}?" if near else ""))
                 point = {"method": method, "sparsity": s, "density": rep["density"], "overlap": rep["overlap"],
                          "cv_rows": rep["cv_rows"], "cv_groups": rep["cv_groups"],
                          "per_layer_kept": {str(k): v for k, v in per_layer(rep, 0).items()},
@@ -125,14 +144,19 @@ def analyze(cfg: MergeConfig, out_dir: str, methods: list[str], sparsities: list
     return results
 
 
-def make_plots(results: dict[str, Any], heat: dict[str, np.ndarray], out_dir: str) -> list[str]:
-    """overlap_vs_sparsity.png (paper Fig. 2), density_heatmap.png (Fig. 3), per_layer_kept.png."""
+def _pyplot():
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
         raise ConfigError("plots need matplotlib: pip install 'cabs-stream[plots]' (or pass --no-plots)") from None
+    return plt
+
+
+def make_plots(results: dict[str, Any], heat: dict[str, np.ndarray], out_dir: str) -> list[str]:
+    """overlap_vs_sparsity.png (paper Fig. 2), density_heatmap.png (Fig. 3), per_layer_kept.png."""
+    plt = _pyplot()
     paths = []
     pts = results["points"]
     methods = list(dict.fromkeys(p["method"] for p in pts))
