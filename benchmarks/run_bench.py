@@ -32,7 +32,7 @@ from cabs_stream.methods import registry
 from cabs_stream.synthetic import SHAPES
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-KERNELS = os.path.join(os.path.dirname(HERE), "cabs_stream", "kernels.py")
+KERNELS = os.path.join(os.path.dirname(HERE), "cabs_stream", "methods", "nm_kernel.py")
 
 
 def log(msg: str) -> None:
@@ -69,14 +69,14 @@ def use_code(rev: str, data_root: str) -> str:
     repo = os.path.dirname(HERE)
     if rev == "worktree":
         CLI = [cabs_exe()]
-        return "worktree (kernels.py sha1 " + kernels_hash() + ")"
+        return "worktree (nm_kernel.py sha1 " + kernels_hash() + ")"
     if rev == "snapshot":
         label = "worktree-" + kernels_hash()
         snap = os.path.join(data_root, "code-" + label + time.strftime("-%H%M%S"))
         ignore = shutil.ignore_patterns("__pycache__", "*.nbi", "*.nbc")
         shutil.copytree(os.path.join(repo, "cabs_stream"), os.path.join(snap, "cabs_stream"), ignore=ignore)
         shutil.copytree(os.path.join(repo, "cli"), os.path.join(snap, "cabs_stream_cli"), ignore=ignore)
-        desc = f"snapshot of the work tree (kernels.py sha1 {kernels_hash()}) in {snap}"
+        desc = f"snapshot of the work tree (nm_kernel.py sha1 {kernels_hash()}) in {snap}"
         atexit.register(shutil.rmtree, snap, True)
     else:
         sha = subprocess.run(["git", "-C", repo, "rev-parse", rev], capture_output=True, text=True,
