@@ -185,14 +185,16 @@ def engine_settings(config: MergeConfig, chunk_size: int | None, workers: int | 
     return min(chunk, 1 << 24), workers
 
 
-def make_plan(config: MergeConfig, chunk_size: int, shard_size: int, convert_dir: str | None = None) -> Plan:
+def make_plan(config: MergeConfig, chunk_size: int, shard_size: int, convert_dir: str | None = None,
+              whole_rows: bool | None = None, stored: bool = False) -> Plan:
     """Open and validate every input, then lay out the chunk grid and the output shards.
-    PyTorch .bin inputs are converted to safetensors in ``convert_dir``."""
+    PyTorch .bin inputs are converted to safetensors in ``convert_dir``. ``stored``: the task
+    vectors come from a store, so only the base is opened (it stands in for every model)."""
     base = open_checkpoint(config.base, convert_dir)
-    models = [open_checkpoint(s.path, convert_dir) for s in config.models]
+    models = [base] * len(config.models) if stored else [open_checkpoint(s.path, convert_dir) for s in config.models]
     matched, ignored = match_tensors(config, base, models)
     m = group_size(config)
-    whole_rows = config.spec.needs(config).whole_rows
+    whole_rows = config.spec.needs(config).whole_rows if whole_rows is None else whole_rows
     chunk_size = align_chunk_size(chunk_size, m)
 
     # Output shards: tensors in base order, a new shard when the next one would overflow.

@@ -15,6 +15,8 @@ from cabs_stream import __version__
 from cabs_stream.config import build_config, load_config, parse_size
 from cabs_stream.errors import CabsError, ConfigError
 from cabs_stream.pipeline import merge as run_merge
+from cabs_stream.pipeline import merge_from_store as run_from_store
+from cabs_stream.pipeline import prune as run_prune
 from cabs_stream.methods import registry
 from cabs_stream.methods.base import Param
 
@@ -152,10 +154,15 @@ def _collect(values: dict) -> tuple[dict, dict[str, list]]:
               help="Keep tensors whose name contains PATTERN from the base (repeat), e.g. embed_tokens.")
 @click.option("--allow-missing", is_flag=True,
               help="A tensor missing from a fine-tuned model counts as an all-zero task vector.")
+@click.option("--from", "from_store", default=None, metavar="STORE",
+              help="Merge from a task-vector store (`cabs-stream prune`) with new --weight values, reading only "
+                   "the base and the store.")
+@click.option("--keep-task-vectors", default=None, metavar="STORE",
+              help="Also write the pruned task vectors to a task-vector store (as `cabs-stream prune` does).")
 @engine_options
 def merge_cmd(config, out_dir, output, method, base, models, weights, dtype, tokenizer_source, exclude,
-              allow_missing, chunk_size, workers, memory, scheduler, shard_size, overwrite, save_masks, durable,
-              allow_nonfinite, quiet, **method_values) -> None:
+              allow_missing, from_store, keep_task_vectors, chunk_size, workers, memory, scheduler, shard_size,
+              overwrite, save_masks, durable, allow_nonfinite, quiet, **method_values) -> None:
     """Merge models into OUT_DIR, from a mergekit-style CONFIG.yml or from flags.
 
     \b
@@ -173,6 +180,27 @@ def merge_cmd(config, out_dir, output, method, base, models, weights, dtype, tok
     if output and out_dir:
         raise click.UsageError("give the output folder once, as OUT_DIR or with -o")
     params, per_model = _collect(method_values)
+    if from_store:
+        given = [f for f, v in (("CONFIG", config), ("--base", base), ("--model", models), ("--method", method),
+                                ("--dtype", dtype), ("--tokenizer-source", tokenizer_source), ("--exclude", exclude),
+                                ("--allow-missing", allow_missing), ("--keep-task-vectors", keep_task_vectors),
+                                ("--memory", memory), ("--chunk-size", chunk_size), ("--save-masks", save_masks),
+                                ("--allow-nonfinite", allow_nonfinite)) if v] + [_flag(n) for n in params]
+        if given:
+            raise click.UsageError(f"{given[0]} does not apply with --from (the store fixes the recipe and its "
+                                   "chunking); give --weight values and engine options only")
+        try:
+            with warnings.catch_warnings(record=True) as notes:
+                warnings.simplefilter("always")
+                res = run_from_store(from_store, target, list(weights) or None, workers=workers,
+                                     scheduler=scheduler, shard_size=shard_size, overwrite=overwrite, quiet=quiet,
+                                     durable=durable)
+                _notes(notes)
+        except (CabsError, OSError) as e:
+            _fail(e)
+        if not quiet:
+            print_summary(res.report, res.out_dir)
+        return
     try:
         with warnings.catch_warnings(record=True) as notes:
             warnings.simplefilter("always")
@@ -193,7 +221,8 @@ def merge_cmd(config, out_dir, output, method, base, models, weights, dtype, tok
                                    exclude=list(exclude))
             res = run_merge(cfg, target, chunk_size=chunk_size, workers=workers, memory=memory,
                             scheduler=scheduler, shard_size=shard_size, overwrite=overwrite,
-                            save_masks=save_masks, allow_nonfinite=allow_nonfinite, quiet=quiet, durable=durable)
+                            save_masks=save_masks, allow_nonfinite=allow_nonfinite, quiet=quiet, durable=durable,
+                            keep_task_vectors=keep_task_vectors)
             _notes(notes)
     except (CabsError, OSError) as e:
         _notes(notes)
@@ -241,6 +270,110 @@ def print_summary(report: dict, out_dir: str) -> None:
     click.echo(f"  {report['numel'] / 1e6:.1f} M parameters, {gb:.2f} GB read+written in {sec['total']:.1f} s "
                f"({gb / max(sec['merge'], 1e-9):.2f} GB/s while merging), peak RSS "
                f"{report['peak_rss_bytes'] / 2**20:.0f} MiB")
+
+
+@main.command("prune")
+@click.argument("config", type=click.Path(dir_okay=False))
+@click.argument("store", type=click.Path(file_okay=False))
+@click.option("--chunk-size", type=int, default=None, metavar="ELEMENTS", help="Elements per chunk.")
+@click.option("--workers", type=int, default=None, metavar="N", help="Chunks processed in parallel.")
+@click.option("--memory", default=None, metavar="SIZE", callback=_size, help="Memory budget, e.g. 1GiB.")
+@click.option("--scheduler", type=click.Choice(["threads", "processes", "synchronous"]), default="threads",
+              show_default=True, help="Dask scheduler that runs the chunks.")
+@click.option("--overwrite", is_flag=True, help="Replace STORE if it exists (once the new one is complete).")
+@click.option("--allow-nonfinite", is_flag=True, help="Proceed even if a task vector holds NaN or Inf.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress output.")
+def prune_cmd(config, store, chunk_size, workers, memory, scheduler, overwrite, allow_nonfinite, quiet) -> None:
+    """Write the pruned task vectors of CONFIG.yml to a Zarr task-vector STORE.
+
+    Then `cabs-stream merge --from STORE --weight ... OUT` merges any lambdas reading only the
+    base and the store (bit-identical to a fresh merge), and `cabs-stream sweep` searches them.
+    """
+    try:
+        with warnings.catch_warnings(record=True) as notes:
+            warnings.simplefilter("always")
+            res = run_prune(config, store, chunk_size=chunk_size, workers=workers, memory=memory,
+                            scheduler=scheduler, overwrite=overwrite, allow_nonfinite=allow_nonfinite, quiet=quiet)
+            _notes(notes)
+    except (CabsError, OSError) as e:
+        _fail(e)
+    if not quiet:
+        size = sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(res.out_dir) for f in fs)
+        k = len(res.report["models"])
+        click.echo(f"pruned {k} task vectors of {res.report['numel'] / 1e6:.1f} M parameters into {res.out_dir} "
+                   f"({size / 1e6:.1f} MB, {size / max(res.report['numel'] * k, 1):.3f} bytes per parameter "
+                   f"per model)")
+
+
+def _range(ctx, param, value):
+    if value is None:
+        return None
+    try:
+        lo, hi = (float(x) for x in value.split(":"))
+    except ValueError:
+        raise click.BadParameter("write LO:HI, e.g. 0:2") from None
+    return lo, hi
+
+
+@main.command("sweep")
+@click.argument("config", type=click.Path(dir_okay=False))
+@click.argument("out_dir", type=click.Path(file_okay=False))
+@click.option("--weights", default=None, metavar="LO:HI:STEP",
+              help="One lambda for every model, on this grid (e.g. 0.8:2.0:0.1).")
+@click.option("--weights-per-model", multiple=True, metavar="LO:HI:STEP",
+              help="A grid per model (repeat, in the config's order; once = the same grid for each); "
+                   "all combinations are merged, at most --max-points.")
+@click.option("--max-points", type=click.IntRange(1, 2000), default=400, show_default=True,
+              help="Cap on the points of a per-model grid.")
+@click.option("--eval", "eval_cmd", default=None, metavar="'COMMAND {model}'",
+              help="Scores a merged folder: {model} is replaced by its path; the last number it prints is the "
+                   "score (higher is better unless --minimize). A failing point is recorded and the sweep goes on.")
+@click.option("--minimize", is_flag=True, help="Lower scores are better.")
+@click.option("--keep", type=click.Choice(["best", "all"]), default="best", show_default=True,
+              help="Which merged folders stay (best: the disk of about two models).")
+@click.option("--refine", is_flag=True,
+              help="The paper's search: a 0.1 grid over --weights' range (default 0.1:3.0), then 0.01 around the best.")
+@click.option("--search", type=click.Choice(["optuna"]), default=None,
+              help="Search per-model lambdas with Optuna instead of a grid (pip install 'cabs-stream[search]').")
+@click.option("--trials", type=click.IntRange(1, 10000), default=30, show_default=True, help="Optuna trials.")
+@click.option("--range", "search_range", default="0:2", show_default=True, callback=_range, metavar="LO:HI",
+              help="Optuna: the range of every model's lambda.")
+@click.option("--sampler", type=click.Choice(["gp", "tpe", "cmaes"]), default="gp", show_default=True,
+              help="Optuna sampler (gp: Gaussian process, fewest evaluations; tpe; cmaes).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Optuna seed (reruns repeat).")
+@click.option("--chunk-size", type=int, default=None, metavar="ELEMENTS", help="Elements per chunk (pruning).")
+@click.option("--workers", type=int, default=None, metavar="N", help="Chunks processed in parallel.")
+@click.option("--memory", default=None, metavar="SIZE", callback=_size, help="Memory budget, e.g. 1GiB.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress output.")
+def sweep_cmd(config, out_dir, weights, weights_per_model, max_points, eval_cmd, minimize, keep, refine, search,
+              trials, search_range, sampler, seed, chunk_size, workers, memory, quiet) -> None:
+    """Prune CONFIG.yml once into OUT_DIR/store.zarr, then merge and score lambda points.
+
+    \b
+      cabs-stream sweep merge.yml sweep/ --weights 0.8:2.0:0.1 --eval 'python eval.py {model}'
+      cabs-stream sweep merge.yml sweep/ --refine --eval 'python eval.py {model}'
+      cabs-stream sweep merge.yml sweep/ --search optuna --trials 30 --eval 'python eval.py {model}'
+
+    Results: OUT_DIR/sweep.json (every point; best.weights in the config's model order and
+    best.score), sweep.csv and sweep.png. An interrupted sweep resumes at the first missing point.
+    """
+    from cabs_stream.sweep import sweep as run_sweep
+    try:
+        with warnings.catch_warnings(record=True) as notes:
+            warnings.simplefilter("always")
+            doc = run_sweep(config, out_dir, weights=weights, weights_per_model=list(weights_per_model) or None,
+                            evaluate=eval_cmd, minimize=minimize, keep=keep, refine=refine, search=search,
+                            trials=trials, search_range=search_range, sampler=sampler, seed=seed,
+                            max_points=max_points, quiet=quiet, chunk_size=chunk_size, workers=workers,
+                            memory=memory)
+            _notes(notes)
+    except (CabsError, OSError) as e:
+        _fail(e)
+    best = doc["best"]
+    failed = sum(1 for p in doc["points"] if p["error"])
+    click.echo(f"{len(doc['points'])} points" + (f" ({failed} failed)" if failed else "")
+               + (f"; best score {best['score']} at weights {best['weights']}" if best else "")
+               + f"; {os.path.join(out_dir, 'sweep.json')}")
 
 
 @main.command("analyze")

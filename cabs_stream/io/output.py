@@ -274,7 +274,13 @@ def finish(plan: Plan, model_dir: str, out_dir: str, extra_json: dict[str, objec
         _copy_file(tok_root, name, model_dir)
     for name, obj in extra_json.items():
         _write_json(os.path.join(model_dir, name), obj)
+    move_into_place(model_dir, out_dir, overwrite, before_rename)
 
+
+def move_into_place(model_dir: str, out_dir: str, overwrite: bool, before_rename=lambda: None,
+                    remove_work: bool = True) -> None:
+    """Flush a complete folder and rename it to ``out_dir`` (replacing it with ``overwrite``);
+    the work folder around it is removed (unless ``remove_work``: more is still to come)."""
     flush(model_dir)
     before_rename()
     out_dir = os.path.abspath(out_dir)
@@ -282,10 +288,12 @@ def finish(plan: Plan, model_dir: str, out_dir: str, extra_json: dict[str, objec
     if os.path.exists(out_dir):
         if not overwrite:
             raise OutputError(f"output folder {out_dir} appeared while merging; result left in {model_dir}")
-        old = os.path.join(os.path.dirname(model_dir), "replaced")
+        old = os.path.join(os.path.dirname(model_dir), f"replaced-{os.path.basename(model_dir)}")
+        shutil.rmtree(old, ignore_errors=True)
         os.rename(out_dir, old)
     os.rename(model_dir, out_dir)
-    shutil.rmtree(os.path.dirname(model_dir), ignore_errors=True)
+    if remove_work:
+        shutil.rmtree(os.path.dirname(model_dir), ignore_errors=True)
 
 
 def flush(model_dir: str) -> None:

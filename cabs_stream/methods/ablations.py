@@ -43,6 +43,7 @@ class BSOnly(Method):
     summary = "ablation: n:m on each task vector alone, no conflict awareness"
     paper = "https://arxiv.org/abs/2503.01874"
     params = (WEIGHT, N, M, SPARSITY)
+    store_layout = "nm"
 
     def resolve(self, params: dict[str, Any], k: int) -> dict[str, Any]:
         return resolve_nm(params)
@@ -68,6 +69,7 @@ class BSOnly(Method):
             keep[i] = np.unpackbits(one[0], bitorder="little")[:c.count]
         GK.combine(b, vals, keep, p.weight, np.ones(k, np.float32), False, False, np.float32(1), False, c.count,
                    c.out, c.out_code, c.masks, c.stats)
+        c.store_nm()
 
     def describe(self, cfg: "MergeConfig") -> dict[str, Any]:
         return {"n": cfg.n, "m": cfg.m, "density": cfg.n / cfg.m}
@@ -145,6 +147,7 @@ class CAOnly(GTA):
             used |= keep[i].astype(bool)
         GK.combine(b, vals, keep, p.weight, np.ones(k, np.float32), False, False, np.float32(1), False, c.count,
                    c.out, c.out_code, c.masks, c.stats)
+        c.store_dense(vals, keep)
 
 
 METHODS = [BSOnly(), CAOnly()]

@@ -103,6 +103,18 @@ class Chunk:
     prep: Any  # the method's per-tensor parameters (``prepare``)
     pre: Any  # the result of the tensor's ``prepass`` (None without one)
     scratch: Callable[[str, tuple[int, ...], Any], np.ndarray] = field(repr=False, default=None)
+    store: Any = None  # a TaskVectorStore while pruning (``cabs-stream prune``), else None
+    stored: int = 0  # CRC of what this chunk put in the store
+
+    def store_nm(self) -> None:
+        """Keep the kept task-vector entries, n per group (the compact layout of n:m methods)."""
+        if self.store is not None:
+            self.stored = self.store.write_nm(self.tensor, self.start, self.fts, self.masks)
+
+    def store_dense(self, vals: np.ndarray, keep: np.ndarray) -> None:
+        """Keep ``vals`` where ``keep`` (the dense layout)."""
+        if self.store is not None:
+            self.stored = self.store.write_dense(self.tensor, self.start, vals, keep, self.masks)
 
     @property
     def k(self) -> int:
@@ -124,6 +136,9 @@ class Method:
     summary: str = ""  # one line for --help and the README
     paper: str = ""  # link shown in the model card
     params: tuple[Param, ...] = ()
+    #: How ``prune`` stores its task vectors: "nm" (compact n per group of m), "dense", or None
+    #: (the method has no lambda-independent pruned task vectors to store).
+    store_layout: str | None = "dense"
 
     def param(self, name: str) -> Param | None:
         return next((p for p in self.params if p.name == name), None)

@@ -79,6 +79,7 @@ class Cabs(Method):
     summary = "n:m balanced selection with conflict-aware exclusion (the CABS paper)"
     paper = "https://arxiv.org/abs/2503.01874"
     params = (WEIGHT, N, M, SPARSITY, OVERLAP, ORDER, VARIANT)
+    store_layout = "nm"
 
     def resolve(self, params: dict[str, Any], k: int) -> dict[str, Any]:
         params = resolve_nm(params)
@@ -100,6 +101,7 @@ class Cabs(Method):
             nm_kernel.merge_chunk(c.base, c.base_code, c.fts, c.codes, p.weight, p.order, c.count, p.n, p.m,
                                   tail_quota(p.n, p.m, c.count), nm_kernel.NM_CA, p.fill, c.out, c.out_code,
                                   c.masks, c.stats)
+            c.store_nm()
             return
         k = c.k
         b, vals = c.decode(values=True)

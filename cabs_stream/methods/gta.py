@@ -168,6 +168,9 @@ class GTA(Method):
         if p.fused:
             nm_kernel.merge_chunk(c.base, c.base_code, c.fts, c.codes, p.weight, np.arange(k, dtype=np.int64),
                                   c.count, 1, 256, 1, nm_kernel.KEEP_ALL, False, c.out, c.out_code, c.masks, c.stats)
+            if c.store is not None:
+                _, vals = c.decode()
+                c.store_dense(vals, vals != 0)
             return
         keep = c.scratch("keep", (k, c.count), np.uint8)
         b, vals = c.decode()
@@ -181,6 +184,7 @@ class GTA(Method):
                           p.row_k[i], p.density[i], p.seed, i, p.tensor_key, c.start, keep)
         GK.combine(b, vals, keep, p.weight, p.scale, self.consensus, p.normalize, p.lam, False, c.count,
                    c.out, c.out_code, c.masks, c.stats)
+        c.store_dense(vals, keep)
 
 
 def chunk_thresholds(c: Chunk) -> tuple[np.ndarray, np.ndarray]:

@@ -31,6 +31,7 @@ class Linear(Method):
     summary = "sum w_i W_i / sum w_i (a weighted average of the models)"
     paper = "https://arxiv.org/abs/2203.05482"
     params = (WEIGHT, Param(NORMALIZE.name, "bool", True, NORMALIZE.help), INT8_MASK)
+    store_layout = None  # no lambda-independent pruned task vectors
 
     def needs(self, cfg: "MergeConfig") -> Needs:
         return Needs(scratch_bytes=4 + 5 * len(cfg.models))

@@ -93,6 +93,7 @@ class ModelStock(Method):
     summary = "interpolate base and model average by the task vectors' mean pairwise cosine"
     paper = "https://arxiv.org/abs/2403.19522"
     params = (FILTER_WISE,)
+    store_layout = None  # no lambda-independent pruned task vectors
 
     def resolve(self, params: dict[str, Any], k: int) -> dict[str, Any]:
         if k < 2:

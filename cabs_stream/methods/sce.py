@@ -115,6 +115,7 @@ class Sce(Method):
     summary = "select top-variance elements, weight models by mean square, erase minority signs"
     paper = "https://arxiv.org/abs/2408.07990"
     params = (SELECT_TOPK, INT8_MASK)
+    store_layout = None  # no lambda-independent pruned task vectors
 
     def needs(self, cfg: "MergeConfig") -> Needs:
         return Needs(prepass=True, scratch_bytes=12 + 4 * len(cfg.models))

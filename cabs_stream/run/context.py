@@ -34,6 +34,7 @@ class RunContext:
     masks: MaskStore | None = None
     allow_nonfinite: bool = False
     durable: bool = False  # fdatasync each chunk's bytes before recording it done
+    store: Any = None  # TaskVectorStore being written (prune / --keep-task-vectors)
     token: str = ""  # identifies the run to its process-pool workers
     maps: InputMaps = field(default_factory=InputMaps)
     _local: threading.local = field(default_factory=threading.local, repr=False)

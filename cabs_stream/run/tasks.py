@@ -46,8 +46,9 @@ def merge_chunk(ref: Ref, index: int, pre: Any) -> np.ndarray:
     stats = np.zeros(counts.width(k), np.int64)
     chunk = Chunk(index, ch.ordinal, t, ch.start, ch.count, base, FLOAT_CODES[t.base.dtype], fts,
                   np.array([FLOAT_CODES[f.dtype] for f in t.fts], np.int64), out, FLOAT_CODES[t.out_dtype],
-                  masks, stats[:counts.kernel_width(k)], run.prep[ch.tensor], pre, run.scratch)
+                  masks, stats[:counts.kernel_width(k)], run.prep[ch.tensor], pre, run.scratch, run.store)
     run.method.merge_chunk(run, chunk)
+    stored = chunk.stored
     del chunk, base, fts
     run.maps.release((t.base, *t.fts), ch.start, ch.count)
     stats[counts.kernel_width(k):] = counts.balance(masks, ch.start, ch.count, plan.group, t.shape)
@@ -63,7 +64,7 @@ def merge_chunk(ref: Ref, index: int, pre: Any) -> np.ndarray:
         run.shards.write(t.shard, data, t.out_start + ch.start * ITEMSIZE[t.out_dtype], sync=run.durable)
     if run.masks is not None:
         run.masks.write(t.name, ch.start, masks)
-    run.state.record(index, stats, crc(data), crc(masks))  # only now is the chunk done
+    run.state.record(index, stats, crc(data), stored if run.store is not None else crc(masks))  # now it is done
     return stats
 
 
@@ -81,12 +82,13 @@ def verify(ref: Ref, index: int, row: np.ndarray) -> bool:
         data = run.shards.read(t.shard, t.out_start + ch.start * size, ch.count * size)
         if data is None or crc(data) != int(row[-3]):
             return False
-    if run.masks is not None:
-        try:
-            if crc(run.masks.read(t.name, ch.start, -(-ch.count // 8))) != int(row[-2]):
-                return False
-        except Exception:  # noqa: BLE001 - an unreadable mask chunk is redone
-            return False
+    try:
+        if run.store is not None:
+            return run.store.written_crc(t, ch.start, len(t.fts)) == int(row[-2])
+        if run.masks is not None:
+            return crc(run.masks.read(t.name, ch.start, -(-ch.count // 8))) == int(row[-2])
+    except Exception:  # noqa: BLE001 - an unreadable store or mask chunk is redone
+        return False
     return True
 
 

@@ -1,0 +1,105 @@
+"""Cost of one more lambda point from a task-vector store, against a full merge, in one run.
+
+usage: python benchmarks/store_bench.py --family /work/bench-data/1.1b-k2 --cap 1GiB --repeat 3
+
+On a family folder (base/, ft1/, ft2/; benchmarks/generate_family.py makes one), under a hard
+memory cap and from a cold page cache each time (benchlib.run_capped), interleaved per repeat:
+the I/O floor, a full CABS merge (``cabs-stream merge``), and one point from the store
+(``cabs-stream merge --from STORE --weight ...``). The store is written once first
+(``cabs-stream prune``, timed too). Reports walls, the point/merge ratio, the store's bytes
+per parameter per model at --n:--m, and writes benchmarks/results/<tag>.json and .md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import sys
+import time
+
+import benchlib as bl
+
+CLI = [sys.executable, "-m", "cabs_stream_cli.main"]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--family", required=True, help="folder with base/ and ft1..ftK/")
+    p.add_argument("--cap", type=bl.parse_size, default=bl.GiB)
+    p.add_argument("--n", type=int, default=64)
+    p.add_argument("--m", type=int, default=256)
+    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--out-root", default="/work/bench-data/out")
+    p.add_argument("--tag", default=None)
+    a = p.parse_args()
+    base = os.path.join(a.family, "base")
+    fts = sorted(os.path.join(a.family, d) for d in os.listdir(a.family) if d.startswith("ft"))
+    os.makedirs(a.out_root, exist_ok=True)
+    store = os.path.join(a.out_root, "store-bench.zarr")
+    merged, point = os.path.join(a.out_root, "store-bench-merge"), os.path.join(a.out_root, "store-bench-point")
+    models = [x for f in fts for x in ("--model", f)]
+    weights = [x for _ in fts for x in ("--weight", "1.2")]
+    cfg = os.path.join(a.out_root, "store-bench.yml")
+    with open(cfg, "w") as f:
+        json.dump({"merge_method": "cabs", "base_model": base, "models": [{"model": x} for x in fts],
+                   "parameters": {"n": a.n, "m": a.m}}, f)  # JSON is YAML
+    shutil.rmtree(store, ignore_errors=True)
+    prune = bl.run_capped([*CLI, "prune", cfg, store, "--memory", str(a.cap), "--quiet"], a.cap, name="store-prune")
+    if not prune.ok:
+        raise SystemExit(f"prune failed: {prune.stderr[-2000:]}")
+    params = json.load(open(os.path.join(a.family, "base", "model.safetensors.index.json"))).get("metadata", {})
+    store_bytes = bl.tree_bytes(store)
+    out_bytes = bl.tree_bytes(base)
+    rows: dict[str, list[bl.Measured]] = {"floor": [], "merge": [], "point": []}
+    for r in range(a.repeat):
+        m, _ = bl.io_floor(bl.family_files([base, *fts]), out_bytes, a.out_root, a.cap)
+        rows["floor"].append(m)
+        for key, cmd, out in (("merge", [*CLI, "merge", "--base", base, *models, "-o", merged, "--n", str(a.n),
+                                         "--m", str(a.m), *weights, "--memory", str(a.cap)], merged),
+                              ("point", [*CLI, "merge", "--from", store, *weights, "-o", point], point)):
+            shutil.rmtree(out, ignore_errors=True)
+            m = bl.run_capped([*cmd, "--quiet", "--overwrite"], a.cap, name=f"store-{key}")
+            if not m.ok:
+                raise SystemExit(f"{key} failed ({m.status}): {m.stderr[-2000:]}")
+            rows[key].append(m)
+            print(f"[{time.strftime('%H:%M:%S')}] repeat {r + 1} {key}: {m.wall:.1f} s, anon peak "
+                  f"{m.peak_anon / 2**20:.0f} MiB", flush=True)
+    same = bl.tree_bytes(merged) > 0
+    med = {k: statistics.median(x.wall for x in v) for k, v in rows.items()}
+    numel = None
+    try:
+        numel = json.load(open(os.path.join(merged, "cabs_report.json")))["numel"]
+    except OSError:
+        pass
+    per_param = store_bytes / (numel * len(fts)) if numel else None
+    lines = [f"# store bench: {a.family}, cap {bl.size_label(a.cap)}, CABS {a.n}:{a.m}, k={len(fts)}", "",
+             "| run | wall (median) | runs | anon peak (max) | max RSS (max) |", "|---|---|---|---|---|"]
+    for k, v in rows.items():
+        lines.append(f"| {k} | {med[k]:.1f} s | {', '.join(f'{x.wall:.1f}' for x in v)} | "
+                     f"{max(x.peak_anon for x in v) / 2**20:.0f} MiB | {max(x.max_rss for x in v) / 2**20:.0f} MiB |")
+    lines += ["", f"- prune (once): {prune.wall:.1f} s, anon peak {prune.peak_anon / 2**20:.0f} MiB",
+              f"- one point from the store / full merge: **{med['point'] / med['merge']:.2f}x** "
+              f"(point {med['point']:.1f} s, merge {med['merge']:.1f} s, floor {med['floor']:.1f} s)",
+              f"- store: {store_bytes / 1e9:.3f} GB" + (f", {per_param:.3f} bytes per parameter per model" if per_param
+                                                         else ""), f"- merged outputs written: {same}"]
+    text = "\n".join(lines) + "\n"
+    print(text)
+    tag = a.tag or f"store-{time.strftime('%Y%m%d-%H%M')}"
+    res = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+    with open(os.path.join(res, f"{tag}.md"), "w") as f:
+        f.write(text)
+    with open(os.path.join(res, f"{tag}.json"), "w") as f:
+        json.dump({"family": a.family, "cap": a.cap, "n": a.n, "m": a.m, "prune_wall": prune.wall,
+                   "store_bytes": store_bytes, "bytes_per_param_per_model": per_param, "median": med,
+                   "walls": {k: [x.wall for x in v] for k, v in rows.items()},
+                   "anon_peak": {k: [x.peak_anon for x in v] for k, v in rows.items()},
+                   "machine": bl.machine_info(), "params_metadata": params}, f, indent=2)
+    for out in (merged, point, store):
+        shutil.rmtree(out, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,157 @@
+"""The task-vector store: pruned task vectors kept once, merged again for any lambda.
+
+A Zarr v3 group (``STORE.zarr``), one subgroup per merged tensor:
+
+- ``<tensor>/mask``: uint8 (k, ceil(numel / 8)), bit j of byte j // 8 (little-endian) = element j
+  kept by model i (the masks the method chose; they do not depend on lambda);
+- n:m methods (cabs, bs_only), compact: ``<tensor>/values_<i>``: uint16 raw words of model i's
+  own weights at its kept positions, n per group of m in position order (a group keeping fewer
+  is padded with zeros): n/m of the model's bytes, 0.5 bytes per parameter at 64:256 in bf16;
+- other methods: ``<tensor>/values``: float32 (k, numel), the kept task-vector entries (after
+  DELLA's 1/p; DARE's 1/density is applied at merge time), 0 elsewhere, zstd-compressed.
+
+Chunks are those of the merge that wrote it (multiples of m). ``attrs`` hold the recipe (the
+configuration, without the weights that a later merge gives), the layout, and the identity of
+the base and every input, checked before a merge from the store.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+import zarr
+from numba import njit
+
+from ..codec import ITEMSIZE
+from ..errors import ConfigError
+from ..run.workstate import _LazyGroup, crc
+
+FORMAT = "cabs-stream task-vector store 1"
+
+
+@njit(nogil=True, cache=True)
+def pack_nm(words, wpv, mask, count, m, n, out):
+    """Copy the raw words (``wpv`` per value) of the kept elements of each group of m into
+    ``out``, n values per group in position order, zero-padded."""
+    for g in range((count + m - 1) // m):
+        o = g * n * wpv
+        got = 0
+        for j in range(g * m, min(count, (g + 1) * m)):
+            if (mask[j >> 3] >> (j & 7)) & 1:
+                for w in range(wpv):
+                    out[o + got * wpv + w] = words[j * wpv + w]
+                got += 1
+        for x in range(got * wpv, n * wpv):
+            out[o + x] = 0
+
+
+class TaskVectorStore(_LazyGroup):
+    """Writes (during prune) and reads (during merge --from) one store."""
+
+    def __init__(self, path: str, nm: tuple[int, int] | None = None) -> None:
+        super().__init__(path)
+        self.nm = nm  # (n, m) for the compact layout, else None
+
+    @classmethod
+    def create(cls, path: str, plan: Any, attrs: dict, nm: tuple[int, int] | None, keep: bool) -> "TaskVectorStore":
+        """Create the arrays of every merged tensor (or reopen them when resuming the same run)."""
+        if keep:
+            try:
+                g = zarr.open_group(path, mode="r+")
+                if g.attrs.get("fingerprint") == attrs["fingerprint"]:
+                    return cls(path, nm)
+            except Exception:  # noqa: BLE001 - unreadable: recreated, every chunk redone
+                pass
+        g = zarr.open_group(path, mode="w")
+        k = len(plan.models)
+        for t in plan.tensors:
+            if not t.merged:
+                continue
+            tg = g.create_group(t.name)
+            nbytes = -(-t.numel // 8)
+            tg.create_array("mask", shape=(k, nbytes), chunks=(k, max(min(t.chunk // 8, nbytes), 1)), dtype="uint8",
+                            fill_value=0, compressors=None)
+            if nm is None:
+                tg.create_array("values", shape=(k, t.numel), chunks=(k, max(min(t.chunk, t.numel), 1)),
+                                dtype="float32", fill_value=0.0)
+            else:
+                n, m = nm
+                for i, f in enumerate(t.fts):
+                    wpv = ITEMSIZE[f.dtype] // 2
+                    size = -(-t.numel // m) * n * wpv
+                    per_chunk = -(-t.chunk // m) * n * wpv
+                    tg.create_array(f"values_{i}", shape=(size,), chunks=(max(min(per_chunk, size), 1),),
+                                    dtype="uint16", fill_value=0, compressors=None)
+        g.attrs.update(attrs)  # fingerprint last: a store without it is incomplete
+        return cls(path, nm)
+
+    # ------------------------------------------------------------------ writing (prune)
+    def write_nm(self, tensor: Any, start: int, fts: tuple[np.ndarray, ...], masks: np.ndarray) -> int:
+        """Compact layout: pack each model's kept raw words; returns the CRC of what was written."""
+        n, m = self.nm
+        g = self.group()[tensor.name]
+        count = self._count(tensor, start)
+        g["mask"][:, start // 8: start // 8 + masks.shape[1]] = masks
+        c = crc(masks)
+        for i, (words, f) in enumerate(zip(fts, tensor.fts)):
+            wpv = ITEMSIZE[f.dtype] // 2
+            out = np.empty(-(-count // m) * n * wpv, np.uint16)
+            pack_nm(words, wpv, masks[i], count, m, n, out)
+            o = start // m * n * wpv
+            g[f"values_{i}"][o:o + len(out)] = out
+            c = crc(out) ^ (c * 31 + i) & 0xFFFFFFFF
+        return c
+
+    def write_dense(self, tensor: Any, start: int, vals: np.ndarray, keep: np.ndarray, masks: np.ndarray) -> int:
+        """Dense layout: kept values (float32), 0 elsewhere; returns the CRC of what was written."""
+        g = self.group()[tensor.name]
+        dense = np.where(keep.astype(bool), vals, np.float32(0)).astype(np.float32)
+        g["mask"][:, start // 8: start // 8 + masks.shape[1]] = masks
+        g["values"][:, start:start + dense.shape[1]] = dense
+        return crc(masks) ^ crc(dense)
+
+    def _count(self, tensor: Any, start: int) -> int:
+        return min(tensor.chunk, tensor.numel - start)
+
+    # ------------------------------------------------------------------ reading (merge --from)
+    def read(self, name: str, start: int, count: int, k: int, wpv: list[int]) -> tuple[np.ndarray, list[np.ndarray]]:
+        """(packed masks (k, ceil(count/8)), values): the compact raw words per model, or the
+        dense float32 (k, count) block as a one-element list."""
+        g = self.group()[name]
+        masks = np.ascontiguousarray(g["mask"][:, start // 8: start // 8 + -(-count // 8)])
+        if self.nm is None:
+            return masks, [np.ascontiguousarray(g["values"][:, start:start + count])]
+        n, m = self.nm
+        vals = []
+        for i in range(k):
+            o = start // m * n * wpv[i]
+            vals.append(np.ascontiguousarray(g[f"values_{i}"][o:o + -(-count // m) * n * wpv[i]]))
+        return masks, vals
+
+    def written_crc(self, tensor: Any, start: int, k: int) -> int:
+        """The CRC of a chunk as stored (resume verification)."""
+        count = self._count(tensor, start)
+        masks, vals = self.read(tensor.name, start, count, k, [ITEMSIZE[f.dtype] // 2 for f in tensor.fts])
+        if self.nm is None:
+            return crc(masks) ^ crc(vals[0])
+        c = crc(masks)
+        for i, v in enumerate(vals):
+            c = crc(v) ^ (c * 31 + i) & 0xFFFFFFFF
+        return c
+
+
+def open_store(path: str) -> tuple[TaskVectorStore, dict]:
+    """Open a finished store for reading; returns it and its attributes."""
+    if not os.path.isdir(path):
+        raise ConfigError(f"task-vector store {path} does not exist (write one with `cabs-stream prune`)")
+    try:
+        g = zarr.open_group(path, mode="r")
+        attrs = dict(g.attrs)
+    except Exception as e:  # noqa: BLE001
+        raise ConfigError(f"{path} is not a readable task-vector store ({type(e).__name__})") from None
+    if attrs.get("format") != FORMAT:
+        raise ConfigError(f"{path} is not a cabs-stream task-vector store (format {attrs.get('format')!r})")
+    nm = tuple(attrs["nm"]) if attrs.get("nm") else None
+    return TaskVectorStore(path, nm), attrs
