@@ -21,7 +21,23 @@ from .errors import ConfigError
 from .methods import registry
 from .methods.base import Method, Param
 
-_TOP_KEYS = {"merge_method", "base_model", "models", "parameters", "dtype", "tokenizer_source", "exclude"}
+_TOP_KEYS = {"merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "tokenizer_source", "exclude"}
+#: mergekit keys and methods cabs-stream cannot run, and what it does instead (refused up front).
+UNSUPPORTED_KEYS = {
+    "slices": "layer slicing (frankenmerges) is not supported: cabs-stream merges whole models tensor by tensor",
+    "tokenizer": "the 'tokenizer:' section is not supported; use tokenizer_source",
+    "modules": "per-module configs are not supported; use filter lists in parameters",
+    "chat_template": "chat_template is not supported; the chosen tokenizer source's template is copied",
+}
+UNSUPPORTED_METHODS = {
+    m: "it interpolates pairs of models, it does not merge task vectors; cabs-stream runs linear, task "
+       "arithmetic and the pruning methods (cabs, ties, dare, della, ...)"
+    for m in ("slerp", "nuslerp", "karcher", "nearswap", "arcee_fusion", "multislerp")
+}
+UNSUPPORTED_METHODS["passthrough"] = "it stacks layers (frankenmerges); cabs-stream merges whole models"
+#: mergekit's spellings of CABS' n:m (its merge method and pull request 568).
+NM_SPELLINGS = {"default_n_m_ratio": "n:m", "default_n_val": "n", "default_m_val": "m"}
+MODEL_NM_SPELLINGS = {"n_m_ratio": "n:m", "n_val": "n", "m_val": "m"}
 _MODEL_KEYS = {"model", "parameters"}
 MAX_YAML_BYTES = 1 << 20  # a merge recipe is a few hundred bytes
 MAX_YAML_NODES = 100_000  # values after alias expansion (a "billion laughs" file is refused)
@@ -256,6 +272,8 @@ def build_config(*, method: str = "cabs", base: str, models: list[str] | list[Mo
                    ("pruning_order", pruning_order), ("density", density)):
         if v is not None and v != []:
             given[key] = v
+    if given.pop("int8_mask", None) is not None:  # mergekit's memory option, for any method
+        warnings.warn("int8_mask is accepted and ignored: masks are always bit-packed here", stacklevel=2)
     shared: dict[str, Any] = {}
     for key, v in given.items():
         p = spec.param(key)
@@ -274,8 +292,6 @@ def build_config(*, method: str = "cabs", base: str, models: list[str] | list[Mo
                                   "give it under the top-level parameters")
             own[key] = check_value(p, v, f"parameters of {s.path}")
         checked.append(ModelSpec(s.path, own))
-    if shared.pop("int8_mask", None) is not None:
-        warnings.warn("int8_mask is accepted and ignored: masks are always bit-packed here", stacklevel=2)
     shared = spec.resolve(shared, len(checked))
 
     real = os.path.realpath
@@ -312,14 +328,22 @@ def load_config(path: str, **overrides: Any) -> MergeConfig:
     _check_size(doc, path)
     if not isinstance(doc, dict):
         raise ConfigError(f"config {path} must be a mapping with merge_method, base_model and models")
+    for key, why in UNSUPPORTED_KEYS.items():
+        if key in doc:
+            raise ConfigError(f"config {path}: {why}")
+    method = doc.get("merge_method", "cabs")
+    if isinstance(method, str) and method in UNSUPPORTED_METHODS:
+        raise ConfigError(f"config {path}: merge_method {method} is not supported: {UNSUPPORTED_METHODS[method]}")
     _unknown(doc, _TOP_KEYS, f"config {path}")
     params = doc.get("parameters") or {}
     if not isinstance(params, dict):
         raise ConfigError("'parameters' must be a mapping")
+    params = _nm_spellings(dict(params), NM_SPELLINGS, "parameters")
     entries = doc.get("models") or []
     if not isinstance(entries, list):
         raise ConfigError("'models' must be a list")
     specs = []
+    base = doc.get("base_model")
     for e in entries:
         if isinstance(e, str):
             e = {"model": e}
@@ -329,11 +353,27 @@ def load_config(path: str, **overrides: Any) -> MergeConfig:
         p = e.get("parameters") or {}
         if not isinstance(p, dict):
             raise ConfigError(f"parameters of {e['model']} must be a mapping")
+        if isinstance(base, str) and os.path.realpath(e["model"]) == os.path.realpath(base):
+            warnings.warn(f"the base model {e['model']} is also listed under models (as mergekit recipes often do); "
+                          "it contributes no task vector and is skipped", stacklevel=2)
+            continue
+        p = _nm_spellings(dict(p), MODEL_NM_SPELLINGS, f"parameters of {e['model']}")
+        shared_nm = {k: p.pop(k) for k in ("n", "m") if k in p}
+        for k, v in shared_nm.items():  # one n:m for every model: mergekit's per-model spelling of it
+            if params.setdefault(k, v) != v:
+                raise ConfigError(f"{e['model']} asks for {k}={v} but another model for {k}={params[k]}: "
+                                  "cabs-stream uses one n:m for every model")
         specs.append(ModelSpec(e["model"], p))
-    if doc.get("base_model") is None:
+    if base is None:
         raise ConfigError(f"config {path} has no base_model")
-    kw: dict[str, Any] = dict(method=doc.get("merge_method", "cabs"), base=doc.get("base_model"), models=specs,
-                              dtype=doc.get("dtype"), tokenizer_source=doc.get("tokenizer_source"),
+    dtype = doc.get("dtype")
+    if doc.get("out_dtype") is not None:
+        if dtype is not None:
+            warnings.warn(f"dtype {dtype} is accepted as mergekit's compute dtype and not used: cabs-stream "
+                          "computes in float32 and writes out_dtype", stacklevel=2)
+        dtype = doc["out_dtype"]
+    kw: dict[str, Any] = dict(method=method, base=base, models=specs,
+                              dtype=dtype, tokenizer_source=doc.get("tokenizer_source"),
                               params=dict(params), exclude=_strings(doc.get("exclude"), "exclude"))
     extra = {k: v for k, v in (overrides.pop("params", None) or {}).items() if v is not None}
     for key in ("n", "m", "sparsity", "overlap", "pruning_order", "density"):
@@ -347,6 +387,25 @@ def load_config(path: str, **overrides: Any) -> MergeConfig:
     kw["params"].update(extra)
     kw.update({k: v for k, v in overrides.items() if v is not None})
     return build_config(**kw)
+
+
+def _nm_spellings(params: dict, spellings: dict[str, str], where: str) -> dict:
+    """mergekit's CABS keys (``default_n_m_ratio: [n, m]``, ``n_val``/``m_val``...) as n and m."""
+    for key, meaning in spellings.items():
+        if key not in params:
+            continue
+        value = params.pop(key)
+        if meaning == "n:m":
+            if not (isinstance(value, list) and len(value) == 2):
+                raise ConfigError(f"{where}: {key} must be [n, m], got {_short(value)}")
+            pairs = zip(("n", "m"), value)
+        else:
+            pairs = [(meaning, value)]
+        for k, v in pairs:
+            if k in params and params[k] != v:
+                raise ConfigError(f"{where}: {key} and {k} disagree ({_short(v)} and {_short(params[k])})")
+            params[k] = v
+    return params
 
 
 def _check_size(doc: Any, path: str) -> None:

@@ -405,12 +405,18 @@ def analyze_cmd(config, out, methods, sparsities, tensor, no_plots, chunk_size, 
     except (CabsError, OSError) as e:
         _fail(e)
     if not quiet:
-        click.echo(f"{'method':<12} {'sparsity':>8} {'density':>8} {'overlap':>8} {'CV rows':>8} {'CV groups':>9}")
+        k = len(res["models"])
+        pairs = [(i, j) for i in range(k) for j in range(k) if i != j]
+        f = lambda x: "-" if x is None else f"{x:.4f}"  # noqa: E731
+        click.echo(f"{'method':<12} {'sparsity':>8} {'density 1':>9} " + " ".join(f"{f'overlap {i + 1}|{j + 1}':>12}"
+                                                                           for i, j in pairs)
+                   + f" {'CV rows':>8} {'CV groups':>9}")
         for p in res["points"]:
-            ov = p["overlap"][0][1] if len(p["overlap"]) > 1 else None
-            f = lambda x: "-" if x is None else f"{x:.4f}"  # noqa: E731
-            click.echo(f"{p['method']:<12} {p['sparsity']:>8} {f(p['density'][0]):>8} {f(ov):>8} "
-                       f"{f(p['cv_rows'][0]):>8} {f(p['cv_groups'][0]):>9}")
+            click.echo(f"{p['method']:<12} {p['sparsity']:>8} {f(p['density'][0]):>9} "
+                       + " ".join(f"{f(p['overlap'][i][j]):>12}" for i, j in pairs)
+                       + f" {f(p['cv_rows'][0]):>8} {f(p['cv_groups'][0]):>9}")
+        click.echo("overlap i|j = |kept by i and j| / |kept by i|; models: "
+                   + ", ".join(f"{i + 1} = {m}" for i, m in enumerate(res["models"])))
         click.echo(f"wrote {os.path.join(out, 'analysis.json')}" +
                    "".join(f"\nwrote {p}" for p in res.get("plots", [])))
 
@@ -444,6 +450,9 @@ def demo_cmd(out, k, quiet) -> None:
         print_summary(res.report, res.out_dir)
         click.echo(f"report: {os.path.join(res.out_dir, 'cabs_report.json')}")
         click.echo("(a first run includes the one-time Numba compilation of the kernels, cached afterwards)")
+        if out is None:
+            size = sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(root) for f in fs)
+            click.echo(f"the demo folder ({size / 1e6:.0f} MB) stays in {root}; remove it with: rm -r {root}")
 
 
 if __name__ == "__main__":
