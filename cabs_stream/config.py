@@ -372,8 +372,14 @@ def load_config(path: str, **overrides: Any) -> MergeConfig:
             warnings.warn(f"dtype {dtype} is accepted as mergekit's compute dtype and not used: cabs-stream "
                           "computes in float32 and writes out_dtype", stacklevel=2)
         dtype = doc["out_dtype"]
+    tok = doc.get("tokenizer_source")
+    if tok == "base":  # mergekit's keyword for the base model's tokenizer
+        tok = None
+    elif tok == "union" or isinstance(tok, dict):
+        raise ConfigError(f"config {path}: tokenizer_source {_short(tok)} is not supported yet; use base (the "
+                          "default) or the path of a model whose tokenizer to copy")
     kw: dict[str, Any] = dict(method=method, base=base, models=specs,
-                              dtype=dtype, tokenizer_source=doc.get("tokenizer_source"),
+                              dtype=dtype, tokenizer_source=tok,
                               params=dict(params), exclude=_strings(doc.get("exclude"), "exclude"))
     extra = {k: v for k, v in (overrides.pop("params", None) or {}).items() if v is not None}
     for key in ("n", "m", "sparsity", "overlap", "pruning_order", "density"):

@@ -154,7 +154,7 @@ def merge(config: MergeConfig | str, out_dir: str, *, chunk_size: int | None = N
           workers: int | None = None, memory: int | str | None = None, scheduler: str = "threads",
           shard_size: int | str = "5GB", overwrite: bool = False, save_masks: bool = False,
           allow_nonfinite: bool = False, quiet: bool = True, durable: bool = False,
-          keep_task_vectors: str | None = None) -> MergeResult:
+          keep_task_vectors: str | None = None, copy_tokenizer: bool = True, model_card: bool = True) -> MergeResult:
     """Merge a base and fine-tuned models into a Hugging Face folder at ``out_dir``.
 
     ``config`` is a ``MergeConfig`` (see ``build_config``) or the path of a YAML file. Every
@@ -163,7 +163,8 @@ def merge(config: MergeConfig | str, out_dir: str, *, chunk_size: int | None = N
     verified before reuse. With ``save_masks`` the bit-packed masks are kept in
     ``out_dir/cabs_masks.zarr``; with ``durable`` every chunk is on disk before it is recorded
     done, so a resume after a power loss reuses them too; ``keep_task_vectors`` also writes a
-    task-vector store there (see ``prune``).
+    task-vector store there (see ``prune``). ``copy_tokenizer`` and ``model_card`` (README.md)
+    are on by default, as in mergekit.
     """
     cfg = _config(config)
     extra = [keep_task_vectors] if keep_task_vectors else []
@@ -173,7 +174,8 @@ def merge(config: MergeConfig | str, out_dir: str, *, chunk_size: int | None = N
     return _guarded(cfg, out_dir, overwrite, extra, engine=dict(
         chunk_size=chunk_size, workers=workers, memory=memory, scheduler=scheduler, shard_size=shard_size,
         save_masks=save_masks, allow_nonfinite=allow_nonfinite, quiet=quiet, durable=durable),
-        store_to=os.path.abspath(keep_task_vectors) if keep_task_vectors else None)
+        store_to=os.path.abspath(keep_task_vectors) if keep_task_vectors else None,
+        finish=dict(copy_tokenizer=copy_tokenizer, model_card=model_card))
 
 
 def prune(config: MergeConfig | str, store: str, *, chunk_size: int | None = None, workers: int | None = None,
@@ -211,7 +213,7 @@ def merge_from_store(store: str, out_dir: str, weights: list[float] | None = Non
         durable=durable, from_store=source), models_are_inputs=False)
 
 
-def model_card(cfg: MergeConfig, report: dict, title: str) -> str:
+def card(cfg: MergeConfig, report: dict, title: str) -> str:
     """README.md of a merged folder: Hub front matter, the method, the recipe as runnable YAML,
     and the report's density and overlap."""
     import yaml
@@ -265,7 +267,8 @@ def _check_storable(cfg: MergeConfig) -> None:
 
 
 def _guarded(cfg: MergeConfig, out_dir: str, overwrite: bool, extra_inputs: list[str], engine: dict,
-             store_to: str | None = None, prune_only: bool = False, models_are_inputs: bool = True) -> MergeResult:
+             store_to: str | None = None, prune_only: bool = False, models_are_inputs: bool = True,
+             finish: dict | None = None) -> MergeResult:
     """Checks, the work folder and its lock, and errors the checks could not foresee."""
     inputs = (_inputs_of(cfg) if models_are_inputs else [cfg.base]) + extra_inputs
     output.check_output(out_dir, inputs, overwrite)
@@ -276,7 +279,7 @@ def _guarded(cfg: MergeConfig, out_dir: str, overwrite: bool, extra_inputs: list
     try:
         lock = output.WorkLock(work, out_dir)
         try:
-            return _run_and_finish(cfg, out_dir, work, overwrite, engine, store_to, prune_only)
+            return _run_and_finish(cfg, out_dir, work, overwrite, engine, store_to, prune_only, **(finish or {}))
         finally:
             lock.release()
             output.remove_if_empty(work)
@@ -288,7 +291,8 @@ def _guarded(cfg: MergeConfig, out_dir: str, overwrite: bool, extra_inputs: list
 
 
 def _run_and_finish(cfg: MergeConfig, out_dir: str, work: str, overwrite: bool, engine: dict,
-                    store_to: str | None, prune_only: bool) -> MergeResult:
+                    store_to: str | None, prune_only: bool, copy_tokenizer: bool = True,
+                    model_card: bool = True) -> MergeResult:
     model_dir = os.path.join(work, "model")
     store_dir = model_dir if prune_only else (os.path.join(work, "store.zarr") if store_to else None)
     plan, report = run(cfg, work, store=store_dir, **engine)
@@ -304,8 +308,9 @@ def _run_and_finish(cfg: MergeConfig, out_dir: str, work: str, overwrite: bool, 
     if store_to:
         output.flush(store_dir)
         output.move_into_place(store_dir, store_to, overwrite, remove_work=False)
-    with open(os.path.join(model_dir, "README.md"), "w", encoding="utf-8") as f:
-        f.write(model_card(cfg, report, os.path.basename(out_dir)))
+    if model_card:
+        with open(os.path.join(model_dir, "README.md"), "w", encoding="utf-8") as f:
+            f.write(card(cfg, report, os.path.basename(out_dir)))
     output.finish(plan, model_dir, out_dir, {"cabs_manifest.json": manifest, "cabs_report.json": report},
-                  overwrite, before_rename=forget)
+                  overwrite, before_rename=forget, copy_tokenizer=copy_tokenizer)
     return MergeResult(out_dir, report)

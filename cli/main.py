@@ -237,8 +237,8 @@ def merge_cmd(config, out_dir, output, method, base, models, weights, dtype, tok
 
 def _notes(notes: list) -> None:
     """Warnings raised during a run, one line each."""
-    for w in notes:
-        click.echo(f"note: {w.message}", err=True)
+    for text in dict.fromkeys(str(w.message) for w in notes):
+        click.echo(f"note: {text}", err=True)
     notes.clear()
 
 

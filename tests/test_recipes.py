@@ -66,3 +66,29 @@ def test_what_cannot_run_is_named_up_front(tmp_path, doc, msg):
         load_config(write(tmp_path, doc))
     assert json.dumps(doc)  # nothing was written anywhere: only the recipe file exists
     assert os.listdir(tmp_path) == ["recipe.yml"]
+
+
+def test_mergekit_yaml_command_line(family, tmp_path):
+    """The flags people paste from mergekit tutorials: honoured, or accepted with a one-line note."""
+    from click.testing import CliRunner
+
+    from cabs_stream_cli.mergekit_yaml import main as mergekit_yaml
+    doc = {"merge_method": "dare_ties", "base_model": family["base"],
+           "models": [{"model": family["ft1"], "parameters": {"weight": 1.0, "density": 0.5}},
+                      {"model": family["ft2"], "parameters": {"weight": 0.7, "density": 0.5}}], "dtype": "bfloat16"}
+    path = write(tmp_path, doc)
+    r = CliRunner().invoke(mergekit_yaml, [path, str(tmp_path / "out"), "--copy-tokenizer", "--allow-crimes",
+                                           "--out-shard-size", "1B", "--lazy-unpickle", "--low-cpu-memory", "--cuda",
+                                           "--trust-remote-code", "--write-model-card", "--random-seed", "4",
+                                           "--quiet"])
+    assert r.exit_code == 0, r.output
+    notes = [line for line in r.output.splitlines() if line.startswith("note:")]
+    assert len(notes) == 5 and all(line.endswith("ignored") for line in notes)  # crimes, lazy, low-cpu, cuda, trust
+    assert {"README.md", "tokenizer.json"} <= set(os.listdir(tmp_path / "out"))
+    assert json.load(open(tmp_path / "out" / "cabs_manifest.json"))["parameters"]["random_seed"] == 4
+    r = CliRunner().invoke(mergekit_yaml, [path, str(tmp_path / "o2"), "--no-copy-tokenizer", "--no-write-model-card",
+                                           "--out-shard-size", "10K"])
+    assert r.exit_code == 2 and "under 1M parameters" in r.output
+    r = CliRunner().invoke(mergekit_yaml, [path, str(tmp_path / "o3"), "--no-copy-tokenizer", "--no-write-model-card",
+                                           "--quiet"])
+    assert r.exit_code == 0 and not {"README.md", "tokenizer.json"} & set(os.listdir(tmp_path / "o3"))

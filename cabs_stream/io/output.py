@@ -250,7 +250,7 @@ def _copy_file(src_dir: str, name: str, dst_dir: str) -> bool:
 
 
 def finish(plan: Plan, model_dir: str, out_dir: str, extra_json: dict[str, object], overwrite: bool,
-           before_rename=lambda: None) -> None:
+           before_rename=lambda: None, copy_tokenizer: bool = True) -> None:
     """Write index, configs, tokenizer and JSON files, flush, and move the folder into place
     (``before_rename`` runs once the folder is complete: the work state is dropped there, so
     nothing of this run can be resumed against the finished output)."""
@@ -270,7 +270,7 @@ def finish(plan: Plan, model_dir: str, out_dir: str, extra_json: dict[str, objec
             cfg["dtype"] = cfg["torch_dtype"]
         _write_json(cfg_path, cfg)
     tok_root = os.path.abspath(plan.config.tokenizer_source) if plan.config.tokenizer_source else base_root
-    for name in TOKENIZER_FILES:
+    for name in TOKENIZER_FILES if copy_tokenizer else ():
         _copy_file(tok_root, name, model_dir)
     for name, obj in extra_json.items():
         _write_json(os.path.join(model_dir, name), obj)
