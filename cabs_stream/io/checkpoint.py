@@ -11,7 +11,7 @@ import os
 import stat
 from dataclasses import dataclass, field
 
-from . import torch_bin
+from . import hub, torch_bin
 from ..errors import CheckpointError
 from .safetensors_format import TensorInfo, read_header
 
@@ -73,7 +73,7 @@ def open_checkpoint(path: str, convert_dir: str | None = None) -> Checkpoint:
     """Resolve ``path`` (a folder, a ``.safetensors`` file or a PyTorch ``.bin``) and parse
     every header. ``.bin`` checkpoints are converted into ``convert_dir`` first (torch_bin.py)."""
     label = str(path)
-    path = os.path.abspath(path)
+    path = os.path.abspath(hub.local_path(label))
     if os.path.exists(path) and not (os.path.isdir(path) or os.path.isfile(path)):
         regular_file(path, label)
     has_safetensors = os.path.isdir(path) and any(f.endswith(".safetensors") for f in os.listdir(path))

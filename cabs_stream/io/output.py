@@ -22,6 +22,7 @@ import time
 
 from ..errors import OutputError
 from ..plan import Plan
+from . import hub
 from .checkpoint import INDEX_NAME
 
 CONFIG_FILES = ("config.json", "generation_config.json")
@@ -102,7 +103,7 @@ def check_output(out_dir: str, inputs: list[str], overwrite: bool) -> None:
     out_dir = os.path.abspath(out_dir)  # ".." taken lexically, as every later step takes it
     out = os.path.realpath(out_dir)
     for p in inputs:
-        root = os.path.realpath(p)
+        root = os.path.realpath(hub.local_path(p))
         if _inside(out, root):
             raise OutputError(f"output folder {out_dir} is inside input {p}; choose a folder outside the inputs")
         if _inside(root, out):
@@ -235,6 +236,7 @@ def preallocate(plan: Plan, model_dir: str, resume: bool, keep: tuple[str, ...] 
 
 def check_tokenizer_source(path: str) -> None:
     """A tokenizer source must be a folder holding at least one tokenizer file."""
+    path = hub.local_path(path)
     if not os.path.isdir(path):
         raise OutputError(f"tokenizer_source {path} is not a folder")
     if not any(os.path.isfile(os.path.join(path, n)) for n in TOKENIZER_FILES):
@@ -269,7 +271,8 @@ def finish(plan: Plan, model_dir: str, out_dir: str, extra_json: dict[str, objec
         if "dtype" in cfg:
             cfg["dtype"] = cfg["torch_dtype"]
         _write_json(cfg_path, cfg)
-    tok_root = os.path.abspath(plan.config.tokenizer_source) if plan.config.tokenizer_source else base_root
+    tok = plan.config.tokenizer_source
+    tok_root = os.path.abspath(hub.local_path(tok)) if tok else base_root
     for name in TOKENIZER_FILES if copy_tokenizer else ():
         _copy_file(tok_root, name, model_dir)
     for name, obj in extra_json.items():
