@@ -254,17 +254,23 @@ def _per_model(per_model: dict[str, list], k: int) -> list[dict] | None:
 
 
 def print_summary(report: dict, out_dir: str) -> None:
-    """A few lines a person can read: where, how dense, how much overlap, how fast."""
+    """A few lines a person can read: where, how dense, every overlap pair, balance by tensor class."""
     k = len(report["models"])
     cfg = report["config"]
-    what = cfg["merge_method"] + (f" {cfg['n']}:{cfg['m']} ({cfg['overlap']})" if "n" in cfg else "")
+    what = cfg["merge_method"] + (f" {cfg['n']}:{cfg['m']} ({cfg['overlap']})" if "overlap" in cfg else "")
+    f = lambda x: "-" if x is None else f"{x:.3f}"  # noqa: E731
     click.echo(f"merged {k} models into {out_dir} with {what}")
     for i, name in enumerate(report["models"]):
-        over = [f"{o:.4f}" for o in report["overlap"][i] if o is not None]
-        cv = lambda x: "-" if x is None else f"{x:.3f}"  # noqa: E731
-        click.echo(f"  {name}: weight {cfg['models'][i]['weight']}, density {report['density'][i]:.4f}, "
-                   f"overlap with others {', '.join(over) or '-'}, kept-count CV over rows "
-                   f"{cv(report['cv_rows'][i])} / over groups {cv(report['cv_groups'][i])}")
+        click.echo(f"  {name}: weight {cfg['models'][i].get('weight', '-')}, density {report['density'][i]:.4f}, "
+                   f"kept-count CV over rows {f(report['cv_rows'][i])} / over groups {f(report['cv_groups'][i])}")
+    pairs = [f"{i + 1}|{j + 1} {report['overlap'][i][j]:.4f}" for i in range(k) for j in range(k)
+             if i != j and report["overlap"][i][j] is not None]
+    if pairs:
+        click.echo(f"  overlap |kept by i and j| / |kept by i| (models numbered as listed): {', '.join(pairs)}")
+    for cls, c in report.get("classes", {}).items():
+        click.echo(f"  {cls} ({c['tensors']} tensors): density {', '.join(f(x) for x in c['density'])}, of non-zero "
+                   f"entries {', '.join(f(x) for x in c['density_of_nonzero'])}; CV over groups "
+                   f"{', '.join(f(x) for x in c['cv_groups'])}")
     sec = report["seconds"]
     gb = (report["bytes_read"] + report["bytes_written"]) / 1e9
     click.echo(f"  {report['numel'] / 1e6:.1f} M parameters, {gb:.2f} GB read+written in {sec['total']:.1f} s "

@@ -25,7 +25,40 @@ def summarize(plan: Plan, rows: dict[int, np.ndarray]) -> dict[str, Any]:
     overall = counts.describe(total, k, plan.merged_elements)
     for key in ("cv_rows", "cv_groups"):  # rows differ in length between tensors: average per-tensor CVs
         overall[key] = [_weighted([(d[key][i], d["numel"]) for d in tensors.values()]) for i in range(k)]
-    return {**overall, "tensors": tensors}
+    return {**overall, "classes": by_class(tensors, k), "tensors": tensors}
+
+
+#: Tensor classes, tried in this order on the lower-cased name (norms first: BERT's
+#: ``attention.output.LayerNorm`` is a norm).
+CLASSES = (("norms", ("norm", "ln_", ".ln")), ("embeddings", ("embed", "wte", "wpe", "lm_head", "token_type")),
+           ("attention", ("attn", "attention", "q_proj", "k_proj", "v_proj", "o_proj", "query", "key", "value")),
+           ("mlp", ("mlp", "ffn", "fc", "gate_proj", "up_proj", "down_proj", "intermediate", "output.dense",
+                    "w1", "w2", "w3", "experts")))
+
+
+def tensor_class(name: str) -> str:
+    low = name.lower()
+    return next((cls for cls, keys in CLASSES if any(key in low for key in keys)), "other")
+
+
+def by_class(tensors: dict[str, dict], k: int) -> dict[str, dict]:
+    """Density (of all entries and of the non-zero ones) and balance per tensor class: a few
+    embedding rows of tokens no fine-tune saw (all-zero task vectors) must not hide how evenly
+    every other tensor is pruned."""
+    out: dict[str, dict] = {}
+    for name, d in tensors.items():
+        out.setdefault(tensor_class(name), []).append(d)
+    result = {}
+    for cls, ds in out.items():
+        numel = sum(d["numel"] for d in ds)
+        kept = [sum(d["kept"][i] for d in ds) for i in range(k)]
+        nonzero = [sum(d["nonzero"][i] for d in ds) for i in range(k)]
+        result[cls] = {"tensors": len(ds), "numel": numel, "kept": kept, "nonzero": nonzero,
+                       "density": [x / max(numel, 1) for x in kept],
+                       "density_of_nonzero": [x / z if z else None for x, z in zip(kept, nonzero)],
+                       "cv_rows": [_weighted([(d["cv_rows"][i], d["numel"]) for d in ds]) for i in range(k)],
+                       "cv_groups": [_weighted([(d["cv_groups"][i], d["numel"]) for d in ds]) for i in range(k)]}
+    return dict(sorted(result.items()))
 
 
 def _weighted(pairs: list[tuple[float | None, int]]) -> float | None:
