@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import resource
 import time
 import uuid
 import warnings
@@ -16,7 +15,7 @@ from . import __version__
 from .config import MergeConfig, ModelSpec, build_config, load_config, parse_size
 from .methods import registry
 from .errors import ConfigError, OutputError
-from .io import output
+from .io import output, platform
 from .io.inputs import LeaseGuard
 from .plan import Plan, engine_settings, make_plan
 from .report.progress import MergeProgress
@@ -145,7 +144,7 @@ def run(cfg: MergeConfig, work: str, *, chunk_size: int | None = None, workers: 
         "chunk_size": plan.chunk_size, "workers": workers, "scheduler": scheduler,
         "resumed_chunks": resumed,
         "seconds": {"plan": t_plan - t0, "merge": t_merge - t_plan, "total": t_merge - t0},
-        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "peak_rss_bytes": platform.peak_rss_bytes(),
     }
     return plan, report
 

@@ -8,7 +8,6 @@ grows with the model. The maps belong to an ``InputMaps`` object that the run cl
 
 from __future__ import annotations
 
-import fcntl
 import mmap
 import os
 import signal
@@ -18,6 +17,8 @@ import numpy as np
 
 from ..codec import ITEMSIZE
 from ..errors import CheckpointError
+from . import platform
+from .platform import fcntl
 from .safetensors_format import TensorInfo
 
 _PAGE = mmap.PAGESIZE
@@ -86,26 +87,26 @@ class InputMaps:
         """Raw 16-bit words of elements [start, start + count) of the base and each fine-tuned tensor."""
         return self.words(base, start, count), tuple(self.words(f, start, count) for f in fts)
 
-    def _advise(self, info: TensorInfo, start: int, count: int, advice: int) -> None:
+    def _advise(self, info: TensorInfo, start: int, count: int, advice: str) -> None:
         a, b = byte_range(info, start, count)
         a -= a % _PAGE
-        if advice == mmap.MADV_DONTNEED:
+        if advice == "DONTNEED":
             b += -b % _PAGE
         entry = self._maps.get(info.file)
-        mm = entry[0] if entry is not None and advice == mmap.MADV_DONTNEED else self._map(info.file)
+        mm = entry[0] if entry is not None and advice == "DONTNEED" else self._map(info.file)
         b = min(b, len(mm))
         if b > a:
-            mm.madvise(advice, a, b - a)
+            platform.advise(mm, advice, a, b - a)
 
     def prefetch(self, infos: tuple[TensorInfo, ...], start: int, count: int) -> None:
         """Ask the kernel to start reading a chunk's pages now (asynchronous readahead)."""
         for info in infos:
-            self._advise(info, start, count, mmap.MADV_WILLNEED)
+            self._advise(info, start, count, "WILLNEED")
 
     def release(self, infos: tuple[TensorInfo, ...], start: int, count: int) -> None:
         """Drop the mapped pages of a chunk from this process (the page cache keeps them)."""
         for info in infos:
-            self._advise(info, start, count, mmap.MADV_DONTNEED)
+            self._advise(info, start, count, "DONTNEED")
 
 
 class LeaseGuard:
@@ -127,7 +128,8 @@ class LeaseGuard:
         self.broken: str | None = None
 
     def __enter__(self) -> "LeaseGuard":
-        if threading.current_thread() is not threading.main_thread() or not hasattr(fcntl, "F_SETLEASE"):
+        if (threading.current_thread() is not threading.main_thread() or fcntl is None
+                or not hasattr(fcntl, "F_SETLEASE") or not hasattr(signal, "SIGIO")):
             return self
         self.old = signal.signal(signal.SIGIO, self._on_break)
         for path in dict.fromkeys(self.files):

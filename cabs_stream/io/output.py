@@ -9,7 +9,6 @@ renamed to ``<name>``.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import hmac
 import json
@@ -22,7 +21,8 @@ import time
 
 from ..errors import OutputError
 from ..plan import Plan
-from . import hub
+from . import hub, platform
+from .platform import NOFOLLOW
 from .checkpoint import INDEX_NAME
 
 CONFIG_FILES = ("config.json", "generation_config.json")
@@ -42,7 +42,7 @@ def _user_key() -> bytes:
         os.makedirs(folder, mode=0o700, exist_ok=True)
         if not os.path.lexists(path):  # written aside, then linked: readers never see a partial key
             tmp = f"{path}.{os.getpid()}.{secrets.token_hex(4)}"
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | NOFOLLOW, 0o600)
             with os.fdopen(fd, "wb") as f:
                 f.write(secrets.token_bytes(32))
             try:
@@ -51,10 +51,10 @@ def _user_key() -> bytes:
                 pass
             finally:
                 os.unlink(tmp)
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        fd = os.open(path, os.O_RDONLY | NOFOLLOW)
         try:
             st = os.fstat(fd)
-            if st.st_uid != os.getuid() or st.st_mode & 0o077 or st.st_size != 32:
+            if st.st_uid != getattr(os, "getuid", lambda: st.st_uid)() or st.st_mode & 0o077 or st.st_size != 32:
                 raise OutputError(f"{path} must be a 32-byte file readable only by you; remove it (it is recreated)")
             return os.read(fd, 32)
         finally:
@@ -86,7 +86,7 @@ def private_dir(path: str) -> None:
     if not stat.S_ISDIR(st.st_mode):
         raise OutputError(f"work folder {path} exists and is not a folder (a symlink?); it was not made by this "
                           "tool: remove it")
-    if st.st_uid != os.getuid() or st.st_mode & 0o077:
+    if st.st_uid != getattr(os, "getuid", lambda: st.st_uid)() or st.st_mode & 0o077:
         raise OutputError(f"work folder {path} belongs to another user or is open to others "
                           f"(mode {stat.S_IMODE(st.st_mode):o}); it was not made by this tool: remove it")
 
@@ -130,16 +130,17 @@ class WorkLock:
     def __init__(self, work: str, out_dir: str) -> None:
         private_dir(work)
         path = os.path.join(work, "lock")
-        self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+        self.fd = os.open(path, os.O_RDWR | os.O_CREAT | NOFOLLOW, 0o600)
         try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            platform.lock_exclusive(self.fd)
         except BlockingIOError:
-            holder = os.pread(self.fd, 200, 0).decode("utf-8", "replace").strip() or "another run"
+            holder = os.read(self.fd, 200).decode("utf-8", "replace").strip() or "another run"
             os.close(self.fd)
             raise OutputError(f"output folder {out_dir} is being written by {holder}; wait for that run to "
                               "finish or stop it, then rerun (it resumes)") from None
         os.ftruncate(self.fd, 0)
-        os.pwrite(self.fd, f"process {os.getpid()} (started {time.strftime('%Y-%m-%d %H:%M:%S')})".encode(), 0)
+        platform.pwrite(self.fd, memoryview(f"process {os.getpid()} (started {time.strftime('%Y-%m-%d %H:%M:%S')})"
+                                            .encode()), 0)
 
     def release(self) -> None:
         if self.fd >= 0:
@@ -170,7 +171,7 @@ class ShardFiles:
             with self._lock:
                 fd = self._fds.get(shard)
                 if fd is None:
-                    fd = self._fds[shard] = os.open(self.paths[shard], os.O_WRONLY | os.O_NOFOLLOW)
+                    fd = self._fds[shard] = os.open(self.paths[shard], os.O_WRONLY | NOFOLLOW)
         return fd
 
     def write(self, shard: int, data: memoryview, offset: int, sync: bool = False) -> None:
@@ -179,10 +180,10 @@ class ShardFiles:
         try:
             fd = self._fd(shard)
             while data:
-                n = os.pwrite(fd, data, offset)
+                n = platform.pwrite(fd, data, offset)
                 data, offset = data[n:], offset + n
             if sync:
-                os.fdatasync(fd)
+                platform.datasync(fd)
         except OSError as e:
             raise OutputError(f"cannot write {self.paths[shard]}: {e.strerror}") from None
 
@@ -190,7 +191,8 @@ class ShardFiles:
         """Bytes written earlier (None if the shard is missing or too short)."""
         try:
             with open(self.paths[shard], "rb") as f:
-                data = os.pread(f.fileno(), size, offset)
+                f.seek(offset)
+                data = f.read(size)
         except OSError:
             return None
         return data if len(data) == size else None
@@ -226,8 +228,9 @@ def preallocate(plan: Plan, model_dir: str, resume: bool, keep: tuple[str, ...] 
         if not (resume and os.path.exists(path) and os.path.getsize(path) == shard.size):
             with open(path, "wb") as f:
                 f.write(shard.header)
+                f.flush()
                 try:  # reserve the space now: a full disk fails here, not mid-merge
-                    os.posix_fallocate(f.fileno(), 0, shard.size)
+                    platform.reserve(f.fileno(), shard.size)
                 except OSError as e:
                     raise OutputError(f"cannot reserve {shard.size / 1e9:.2f} GB for {path}: {e.strerror}") from None
         paths.append(path)

@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import numpy as np
@@ -97,7 +96,8 @@ def copy_tensor(ref: Ref, index: int) -> None:
     run = ref.get()
     t = run.plan.tensors[index]
     with open(t.base.file, "rb") as src:
-        data = os.pread(src.fileno(), t.base.nbytes, t.base.start)
+        src.seek(t.base.start)
+        data = src.read(t.base.nbytes)
     run.shards.write(t.shard, memoryview(data), t.out_start)
 
 
