@@ -136,6 +136,7 @@ def warm_up(args: argparse.Namespace, ks: list[int]) -> float:
     specialization per k: the fine-tuned models are passed as a k-tuple) is not timed."""
     _, folder, _, _ = ensure_family("demo", max(ks), args.data_root)
     out = os.path.join(args.data_root, "out", "warm-up")
+    os.makedirs(os.path.dirname(out), exist_ok=True)
     t0 = time.monotonic()
     for k in sorted(set(ks)):
         fts = [os.path.join(folder, f"ft{i + 1}") for i in range(k)]
@@ -211,7 +212,9 @@ def cabs_row(case: Case, method: str, cap: int, floor: float, args: argparse.Nam
         last = (m.stderr.strip().splitlines() or [""])[-1][:160]
         row.note = (row.note + "; " if row.note else "") + last
     shutil.rmtree(out, ignore_errors=True)
-    shutil.rmtree(os.path.join(out_root, f".{os.path.basename(out)}.cabs-partial"), ignore_errors=True)
+    for name in os.listdir(out_root):  # the run's work folder, if it left one
+        if name.startswith(f".{os.path.basename(out)}.cabs-partial"):
+            shutil.rmtree(os.path.join(out_root, name), ignore_errors=True)
     log_row(row)
     return row
 
@@ -219,6 +222,7 @@ def cabs_row(case: Case, method: str, cap: int, floor: float, args: argparse.Nam
 def bench_family(spec: str, args: argparse.Namespace, rows: list[bl.Row], notes: list[str]) -> None:
     name, folder, params, made = ensure_family(spec, max(args.models), args.data_root)
     out_root = os.path.join(args.data_root, "out")
+    os.makedirs(out_root, exist_ok=True)
     try:
         for k in args.models:
             case = Case.of(name, folder, params, k)
