@@ -97,7 +97,8 @@ class CAOnly(GTA):
         self.params = (WEIGHT, DENSITY, ORDER, SELECTION, SEED)
 
     def needs(self, cfg: "MergeConfig") -> Needs:
-        return Needs(prepass=cfg.value("selection") == "magnitude", scratch_bytes=9 + 9 * len(cfg.models))
+        k = len(cfg.models)  # a chunk (values, what selection sees, flags) and a threshold pass beside it
+        return Needs(prepass=cfg.value("selection") == "magnitude", scratch_bytes=(9 + 9 * k) + (4 + 12 * k))
 
     def prepare(self, cfg: "MergeConfig", t: "TensorJob") -> GTAParams:
         k = len(cfg.models)

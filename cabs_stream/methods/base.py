@@ -73,7 +73,7 @@ class Needs:
     whole_rows: bool = False  # every chunk holds whole rows (per-row selection)
     prepass: bool = False  # run ``prepass`` per tensor before its chunks
     global_thresholds: bool = False  # thresholds over all tensors together (scope: global)
-    scratch_bytes: float = 0.0  # bytes per chunk element held in scratch while a chunk runs
+    scratch_bytes: float = 0.0  # bytes per chunk element a chunk task (and a prepass beside it) holds
 
 
 @dataclass

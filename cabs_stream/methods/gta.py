@@ -109,9 +109,11 @@ class GTA(Method):
         scope = cfg.value("scope", default="tensor")
         top = self.sparsifier in ("magnitude", "outliers") and scope != "row"
         fused = self.sparsifier is None and _fusable(cfg, "")
+        k = len(cfg.models)
+        # a chunk: base, values and keep flags; a threshold pass alongside it: base, values and keys
         return Needs(whole_rows=(self.sparsifier == "magnitude" and scope == "row") or self.sparsifier == "della",
                      prepass=top and scope != "global", global_thresholds=top and scope == "global",
-                     scratch_bytes=0.0 if fused else 4 + 5 * len(cfg.models))
+                     scratch_bytes=0.0 if fused else (4 + 5 * k) + ((4 + 8 * k) if top else 0))
 
     def prepare(self, cfg: "MergeConfig", t: "TensorJob") -> GTAParams:
         k = len(cfg.models)

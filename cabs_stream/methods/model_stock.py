@@ -102,7 +102,8 @@ class ModelStock(Method):
         return params
 
     def needs(self, cfg: "MergeConfig") -> Needs:
-        return Needs(prepass=True, scratch_bytes=4 + 4 * len(cfg.models))
+        k = len(cfg.models)  # a chunk (base, weights) and a prepass beside it (base, task vectors)
+        return Needs(prepass=True, scratch_bytes=(4 + 4 * k) + (4 + 4 * k))
 
     def prepare(self, cfg: "MergeConfig", t: "TensorJob") -> StockParams:
         per_row = bool(cfg.value("filter_wise"))

@@ -118,7 +118,8 @@ class Sce(Method):
     store_layout = None  # no lambda-independent pruned task vectors
 
     def needs(self, cfg: "MergeConfig") -> Needs:
-        return Needs(prepass=True, scratch_bytes=12 + 4 * len(cfg.models))
+        k = len(cfg.models)  # a chunk (base, values, variance, flags) and a prepass beside it (values, variance)
+        return Needs(prepass=True, scratch_bytes=(12 + 4 * k) + (8 + 4 * k))
 
     def prepare(self, cfg: "MergeConfig", t: "TensorJob") -> SceParams:
         return SceParams(float(cfg.value("select_topk", t.name)), len(cfg.models))
