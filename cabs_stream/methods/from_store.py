@@ -11,8 +11,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from numba import njit
 
-from ..codec import FLOAT_CODES, ITEMSIZE, decode, load, store
-from ..report.counts import _POPCOUNT
+from ..codec import FLOAT_CODES, ITEMSIZE, decode
+from .nm_kernel import load_group, store_group
 from . import gta_kernels as GK
 from .base import Chunk, Method, Needs
 
@@ -23,31 +23,54 @@ if TYPE_CHECKING:  # pragma: no cover
     from ..run.context import RunContext
 
 
+_LOWEST_BIT = np.array([0] + [(x & -x).bit_length() - 1 for x in range(1, 256)], np.int64)
+_POP = np.array([bin(x).count("1") for x in range(256)], np.int64)
+
+
 @njit(nogil=True, cache=True)
-def sum_nm(base, base_code, vals, codes, masks, lam, count, m, n, out, out_code):
+def sum_nm(base, base_code, vals, codes, masks, lam, count, m, n, out, out_code, stats):
     """W = W0 + sum_i lam_i * tau_i over kept positions, in listed order, float32 (as
-    ``nm_kernel.merge_chunk``); tau_i = (model i's stored word, decoded) - W0."""
+    ``nm_kernel.merge_chunk``); tau_i = (model i's stored word, decoded) - W0. Each group's
+    n stored values are decoded at once (dtype branch hoisted), then added at the kept
+    positions, found set bit by set bit (n per group, not m). Adds kept_i and kept-by-both
+    counts to ``stats`` (layout of ``nm_kernel.merge_chunk``)."""
     k = len(vals)
     b = np.empty(m, np.float32)
     acc = np.empty(m, np.float32)
-    anyk = np.zeros(m, np.uint8)
+    anyk = np.empty(m, np.uint8)
+    v = np.empty(n, np.float32)
     for g0 in range(0, count, m):
         g = min(m, count - g0)
+        load_group(base, base_code, g0, g, b)
         for j in range(g):
-            b[j] = load(base, base_code, g0 + j)
             acc[j] = 0.0
             anyk[j] = 0
+        e1 = g0 + g
         for i in range(k):
-            p = (g0 // m) * n
+            load_group(vals[i], codes[i], (g0 // m) * n, n, v)
             w = lam[i]
-            for j in range(g):
-                e = g0 + j
-                if (masks[i, e >> 3] >> (e & 7)) & 1:
-                    acc[j] = acc[j] + w * (load(vals[i], codes[i], p) - b[j])
+            p = 0
+            for byte in range(g0 >> 3, ((e1 - 1) >> 3) + 1):
+                lo = byte << 3
+                bits = np.int64(masks[i, byte])
+                if lo < g0:
+                    bits &= ~((np.int64(1) << (g0 - lo)) - 1)
+                if lo + 8 > e1:
+                    bits &= (np.int64(1) << (e1 - lo)) - 1
+                while bits != 0:
+                    j = lo + _LOWEST_BIT[bits] - g0
+                    acc[j] = acc[j] + w * (v[p] - b[j])
                     anyk[j] = 1
                     p += 1
-        for j in range(g):
-            store(out, out_code, g0 + j, b[j] + acc[j] if anyk[j] != 0 else b[j])
+                    bits &= bits - 1
+            stats[i] += p
+        store_group(out, out_code, g0, g, b, acc, anyk)
+    for i in range(k):
+        for l in range(i + 1, k):
+            both = 0
+            for byte in range((count + 7) >> 3):
+                both += _POP[masks[i, byte] & masks[l, byte]]
+            stats[3 * k + i * k + l] += both
 
 
 class FromStore(Method):
@@ -78,13 +101,8 @@ class FromStore(Method):
         if self.store.nm is not None:
             n, m = self.store.nm
             sum_nm(c.base, c.base_code, tuple(vals), np.array([FLOAT_CODES[d] for d in dtypes], np.int64), masks,
-                   p.weight, c.count, m, n, c.out, c.out_code)
+                   p.weight, c.count, m, n, c.out, c.out_code, c.stats)
             c.masks[:] = masks
-            bits = _POPCOUNT[masks].sum(axis=1, dtype=np.int64)
-            c.stats[:k] = bits
-            for i in range(k):
-                for j in range(i + 1, k):
-                    c.stats[3 * k + i * k + j] = int(_POPCOUNT[masks[i] & masks[j]].sum())
             return
         b = decode(c.base, c.base_code, c.count)
         keep = np.unpackbits(masks, axis=1, bitorder="little")[:, :c.count]

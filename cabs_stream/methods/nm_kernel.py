@@ -92,7 +92,7 @@ def _task_vector(words, code, g0, g, b, taus, keys, i):
 
 
 @njit(inline="always")
-def _load_group(words, code, g0, g, b):
+def load_group(words, code, g0, g, b):
     """b[j] = element g0+j of ``words`` as float32, one loop per dtype code."""
     if code == BF16:
         o = _U64(g0)
@@ -110,7 +110,7 @@ def _load_group(words, code, g0, g, b):
 
 
 @njit(inline="always")
-def _store_group(out, code, g0, g, b, acc, anyk):
+def store_group(out, code, g0, g, b, acc, anyk):
     """Element g0+j of ``out`` = b[j] + acc[j] where anyk[j], else b[j] exactly; one loop
     per dtype code."""
     if code == BF16:
@@ -292,7 +292,7 @@ def merge_chunk(base, base_code, fts, codes, lam, order, count, n, m, tail_n, mo
         q = n if g == m else tail_n
         if g < m:  # short group: clear flags past its end (read by the byte packing)
             flags[:, _PAD + g:_PAD + m] = 0
-        _load_group(base, base_code, g0, g, b)
+        load_group(base, base_code, g0, g, b)
         for i in range(k):
             nz, nf = _task_vector(fts[i], codes[i], g0, g, b, taus, keys, i)
             cnt[k + i] += nz
@@ -342,6 +342,6 @@ def merge_chunk(base, base_code, fts, codes, lam, order, count, n, m, tail_n, mo
                 acc[j] = acc[j] + w * taus[i, j] if f != 0 else acc[j]
                 anyk[j] |= f
             _pack_or(flags, i, g0, g, masks)
-        _store_group(out, out_code, g0, g, b, acc, anyk)
+        store_group(out, out_code, g0, g, b, acc, anyk)
     for x in range(3 * k + k * k):
         stats[x] += cnt[x]
