@@ -26,6 +26,7 @@ from numba import njit
 
 from ..codec import ITEMSIZE
 from ..errors import ConfigError
+from ..report.counts import width as counts_width
 from ..run.workstate import _LazyGroup, crc
 
 FORMAT = "cabs-stream task-vector store 1"
@@ -66,6 +67,7 @@ class TaskVectorStore(_LazyGroup):
     def __getstate__(self) -> dict:
         d = super().__getstate__()
         d.pop("_arrays", None)
+        d.pop("_counts", None)
         return d
 
     def __setstate__(self, state: dict) -> None:
@@ -84,6 +86,9 @@ class TaskVectorStore(_LazyGroup):
                 pass
         g = zarr.open_group(path, mode="w")
         k = len(plan.models)
+        width = counts_width(k)
+        g.create_array("chunk_counts", shape=(max(len(plan.chunks), 1), width), chunks=(1, width), dtype="int64",
+                       fill_value=-1, compressors=None)
         for t in plan.tensors:
             if not t.merged:
                 continue
@@ -106,6 +111,20 @@ class TaskVectorStore(_LazyGroup):
         return cls(path, nm)
 
     # ------------------------------------------------------------------ writing (prune)
+    def write_counts(self, index: int, row: np.ndarray) -> None:
+        """A chunk's counts (kept, overlap, balance): lambda-independent, reused by every point."""
+        self.group()["chunk_counts"][index] = row
+
+    def known_counts(self, n_chunks: int) -> np.ndarray | None:
+        """The counts of every chunk as pruned (None if they do not cover ``n_chunks``)."""
+        if getattr(self, "_counts", None) is None:
+            try:
+                self._counts = np.asarray(self.group()["chunk_counts"][:], np.int64)
+            except KeyError:
+                return None
+        c = self._counts
+        return c if c.shape[0] == n_chunks and (c[:, 0] >= 0).all() else None
+
     def write_nm(self, tensor: Any, start: int, fts: tuple[np.ndarray, ...], masks: np.ndarray) -> int:
         """Compact layout: pack each model's kept raw words; returns the CRC of what was written."""
         n, m = self.nm

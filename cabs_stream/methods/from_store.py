@@ -92,6 +92,10 @@ class FromStore(Method):
     def describe(self, cfg: "MergeConfig") -> dict[str, Any]:
         return self.inner.describe(cfg)
 
+    def known_counts(self, n_chunks: int) -> np.ndarray | None:
+        """Counts per chunk recorded by the prune (the masks are the same)."""
+        return self.store.known_counts(n_chunks)
+
     def merge_chunk(self, run: "RunContext", c: Chunk) -> None:
         p = c.prep
         k = c.k

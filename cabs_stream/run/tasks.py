@@ -50,7 +50,11 @@ def merge_chunk(ref: Ref, index: int, pre: Any) -> np.ndarray:
     stored = chunk.stored
     del chunk, base, fts
     run.maps.release((t.base, *t.fts), ch.start, ch.count)
-    stats[counts.kernel_width(k):] = counts.balance(masks, ch.start, ch.count, plan.group, t.shape)
+    known = run.method.known_counts(len(plan.chunks)) if hasattr(run.method, "known_counts") else None
+    if known is not None:  # the masks came from a store: their balance was counted when it was written
+        stats[counts.kernel_width(k):] = known[index, counts.kernel_width(k):]
+    else:
+        stats[counts.kernel_width(k):] = counts.balance(masks, ch.start, ch.count, plan.group, t.shape)
 
     bad = stats[2 * k:3 * k]
     if bad.any() and not run.allow_nonfinite:
@@ -63,6 +67,8 @@ def merge_chunk(ref: Ref, index: int, pre: Any) -> np.ndarray:
         run.shards.write(t.shard, data, t.out_start + ch.start * ITEMSIZE[t.out_dtype], sync=run.durable)
     if run.masks is not None:
         run.masks.write(t.name, ch.start, masks)
+    if run.store is not None:
+        run.store.write_counts(index, stats)
     run.state.record(index, stats, crc(data), stored if run.store is not None else crc(masks))  # now it is done
     return stats
 
