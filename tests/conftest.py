@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import os
@@ -143,3 +144,24 @@ def inputs_unchanged(family):
     before = {k: digest_folder(v) for k, v in family.items()}
     yield
     assert {k: digest_folder(v) for k, v in family.items()} == before, "an input was modified"
+
+
+@contextlib.contextmanager
+def killed_after(chunks: int):
+    """Within the block, a run stops (KeyboardInterrupt, as Ctrl-C or a kill would) after
+    ``chunks`` chunk tasks; run it with scheduler="synchronous" for a deterministic cut."""
+    from cabs_stream.run import tasks
+    real, done = tasks.merge_chunk, []
+
+    def stop(*args):
+        if len(done) >= chunks:
+            raise KeyboardInterrupt
+        done.append(1)
+        return real(*args)
+
+    tasks.merge_chunk = stop
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            yield
+    finally:
+        tasks.merge_chunk = real

@@ -14,8 +14,7 @@ import numpy as np
 import pytest
 
 from cabs_stream import CheckpointError, ConfigError, OutputError, build_config, merge
-from cabs_stream.run import tasks
-from conftest import load_model, no_work_folder, shard_bytes, work_folder
+from conftest import killed_after, load_model, no_work_folder, shard_bytes, work_folder
 
 untouched = pytest.mark.usefixtures("inputs_unchanged")  # tests that must leave every input as it was
 
@@ -26,21 +25,8 @@ def cfg_of(family, **kw):
 
 def interrupted(family, out, after: int, **kw) -> None:
     """A merge stopped after ``after`` chunks, as a kill would (the chunks done are recorded)."""
-    real = tasks.merge_chunk
-    done = []
-
-    def stop_after(*args):
-        if len(done) >= after:
-            raise KeyboardInterrupt
-        done.append(1)
-        return real(*args)
-
-    tasks.merge_chunk = stop_after
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            merge(cfg_of(family), out, chunk_size=16, scheduler="synchronous", **kw)
-    finally:
-        tasks.merge_chunk = real
+    with killed_after(after):
+        merge(cfg_of(family), out, chunk_size=16, scheduler="synchronous", **kw)
     assert not os.path.exists(out)
 
 

@@ -12,10 +12,9 @@ import zarr
 from click.testing import CliRunner
 
 from cabs_stream import ConfigError, build_config, merge, merge_from_store, prune, sweep
-from cabs_stream.run import tasks
 from cabs_stream.sweep import grid, score_of
 from cabs_stream_cli.main import main as cli
-from conftest import load_model, shard_bytes, write_model
+from conftest import killed_after, load_model, shard_bytes, write_model
 
 METHODS = {"cabs": dict(n=3, m=8), "task_arithmetic": {}, "ties": dict(density=0.4),
            "dare_ties": dict(density=0.5, params={"random_seed": 3}), "magnitude": dict(density=0.3),
@@ -76,20 +75,8 @@ def test_store_refused_when_inputs_changed_or_method_has_none(family, tmp_path):
 
 def test_interrupted_prune_resumes(family, tmp_path):
     store = str(tmp_path / "tv.zarr")
-    real, done = tasks.merge_chunk, []
-
-    def stop(*a):
-        if len(done) >= 15:
-            raise KeyboardInterrupt
-        done.append(1)
-        return real(*a)
-
-    tasks.merge_chunk = stop
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            prune(cfg(family, "cabs"), store, chunk_size=16, scheduler="synchronous")
-    finally:
-        tasks.merge_chunk = real
+    with killed_after(15):
+        prune(cfg(family, "cabs"), store, chunk_size=16, scheduler="synchronous")
     assert not os.path.exists(store)
     rep = prune(cfg(family, "cabs"), store, chunk_size=16).report
     assert rep["resumed_chunks"] == 15
