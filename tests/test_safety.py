@@ -63,10 +63,13 @@ def test_overwrite_never_replaces_a_folder_holding_inputs(family, tmp_path, monk
 @untouched
 def test_output_paths_that_cannot_be_used(family, tmp_path):
     (tmp_path / "afile").write_text("x")
-    for out, msg in ((tmp_path / "afile", "not a folder"), (tmp_path / "afile" / "out", "not an existing folder"),
-                     (tmp_path / "missing" / "out", "not an existing folder"), (tmp_path / ("x" * 240), "too long")):
+    for out, msg in ((tmp_path / "afile", "not a folder"), (tmp_path / "afile" / "out", "afile is not a folder"),
+                     (tmp_path / "afile" / "deeper" / "out", "afile is not a folder"),
+                     (tmp_path / ("x" * 240), "too long")):
         with pytest.raises(OutputError, match=msg):
             merge(cfg_of(family), str(out), overwrite=True)
+    merge(cfg_of(family), str(tmp_path / "new" / "parents" / "out"))  # missing folders are created
+    assert os.path.isfile(tmp_path / "new" / "parents" / "out" / "model.safetensors.index.json")
 
 
 # ------------------------------------------------------------------ leftovers never make a wrong model

@@ -74,9 +74,10 @@ def work_dir(out_dir: str) -> str:
 
 
 def private_dir(path: str) -> None:
-    """Create ``path`` mode 0700, or accept it only if it is a real folder (not a symlink) owned by
-    this user and closed to everyone else."""
+    """Create ``path`` mode 0700 (and its missing parents, as ordinary folders), or accept it
+    only if it is a real folder (not a symlink) owned by this user and closed to everyone else."""
     try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
         os.mkdir(path, 0o700)
     except FileExistsError:
         pass
@@ -115,10 +116,13 @@ def check_output(out_dir: str, inputs: list[str], overwrite: bool) -> None:
         if not overwrite:
             raise OutputError(f"output folder {out_dir} already exists; pass --overwrite to replace it")
     parent = os.path.dirname(os.path.abspath(out_dir))
-    if not os.path.isdir(parent):
-        raise OutputError(f"cannot create output folder {out_dir}: {parent} is not an existing folder")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise OutputError(f"cannot create output folder {out_dir}: {parent} is not writable")
+    existing = parent
+    while not os.path.lexists(existing):  # missing folders are created (as mergekit does)
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise OutputError(f"cannot create output folder {out_dir}: {existing} is not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise OutputError(f"cannot create output folder {out_dir}: {existing} is not writable")
     if len(os.path.basename(os.path.abspath(out_dir)).encode()) > 200:
         raise OutputError(f"output folder name {os.path.basename(out_dir)[:40]}... is too long (200 bytes at most)")
 
