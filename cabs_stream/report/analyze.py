@@ -161,12 +161,14 @@ def make_plots(results: dict[str, Any], heat: dict[str, np.ndarray], out_dir: st
     pts = results["points"]
     methods = list(dict.fromkeys(p["method"] for p in pts))
 
+    styles = [dict(marker=mk, linestyle=ls, markersize=ms) for mk, ls, ms in
+              zip("osD^vP*X", ["-", "--", "-.", ":"] * 2, [9, 7, 6, 8, 6, 8, 9, 6])]
     fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
-    for m in methods:
+    for n, m in enumerate(methods):  # distinct markers and dashes: coinciding lines stay visible
         xs = [p["sparsity"] for p in pts if p["method"] == m]
         ys = [p["overlap"][0][1] if len(p["overlap"]) > 1 and p["overlap"][0][1] is not None else 0.0
               for p in pts if p["method"] == m]
-        ax.plot(xs, ys, marker="o", label=m)
+        ax.plot(xs, ys, label=m, alpha=0.85, fillstyle="none", **styles[n % len(styles)])
     ax.set_xlabel("sparsity")
     ax.set_ylabel("overlap rate |A and B| / |A| (models 1, 2)")
     ax.set_title("Overlap of kept weights vs sparsity")
@@ -177,15 +179,16 @@ def make_plots(results: dict[str, Any], heat: dict[str, np.ndarray], out_dir: st
     plt.close(fig)
 
     if heat:
+        top = max(max(float(g.max()) for g in heat.values()), 1e-9)  # one colour scale for every panel
         fig, axes = plt.subplots(1, len(heat), figsize=(4 * len(heat), 4), dpi=100, squeeze=False)
         for ax, (m, grid) in zip(axes[0], heat.items()):
-            im = ax.imshow(grid, cmap="viridis", vmin=0, vmax=max(float(grid.max()), 1e-9), aspect="auto")
-            ax.set_title(f"{m}: kept density")
+            im = ax.imshow(grid, cmap="viridis", vmin=0, vmax=top, aspect="auto")
+            ax.set_title(f"{m}: kept density, model 1")
             ax.set_xlabel("column block")
             ax.set_ylabel("row block")
-            fig.colorbar(im, ax=ax, fraction=0.046)
-        fig.suptitle(f"{results['heatmap_tensor']} at sparsity {results['heatmap_sparsity']}")
-        fig.tight_layout()
+        fig.colorbar(im, ax=list(axes[0]), fraction=0.046, label="kept fraction (same scale in every panel)")
+        fig.suptitle(f"{results['heatmap_tensor']} at sparsity {results['heatmap_sparsity']} "
+                      f"(model 1: {os.path.basename(str(results['models'][0]))})")
         paths.append(os.path.join(out_dir, "density_heatmap.png"))
         fig.savefig(paths[-1])
         plt.close(fig)
@@ -195,7 +198,8 @@ def make_plots(results: dict[str, Any], heat: dict[str, np.ndarray], out_dir: st
     for p in pts:
         if p["sparsity"] == s_mid and p["per_layer_kept"]:
             layers = sorted(int(x) for x in p["per_layer_kept"])
-            ax.plot(layers, [p["per_layer_kept"][str(i)] for i in layers], marker="o", label=p["method"])
+            ax.plot(layers, [p["per_layer_kept"][str(i)] for i in layers], label=p["method"], alpha=0.85,
+                    fillstyle="none", **styles[methods.index(p["method"]) % len(styles)])
     ax.set_xlabel("layer")
     ax.set_ylabel("kept fraction (model 1)")
     ax.set_title(f"Kept fraction per layer at sparsity {s_mid}")
