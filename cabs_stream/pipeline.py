@@ -18,6 +18,7 @@ from .errors import ConfigError, OutputError
 from .io import output, platform
 from .io.inputs import LeaseGuard
 from .plan import Plan, engine_settings, make_plan
+from .report import model_card as card
 from .report.progress import MergeProgress
 from .report.summary import summarize
 from .run import graph, schedule, tasks
@@ -212,35 +213,6 @@ def merge_from_store(store: str, out_dir: str, weights: list[float] | None = Non
         durable=durable, from_store=source), models_are_inputs=False)
 
 
-def card(cfg: MergeConfig, report: dict, title: str) -> str:
-    """README.md of a merged folder: Hub front matter, the method, the recipe as runnable YAML,
-    and the report's density and overlap."""
-    import yaml
-
-    d = cfg.describe()
-    recipe = {"merge_method": d["merge_method"], "base_model": d["base_model"],
-              "models": [{"model": m["model"], "parameters": {k: v for k, v in m.items() if k != "model"}}
-                         for m in d["models"]],
-              "parameters": d["parameters"],
-              **({"dtype": {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}[d["dtype"]]} if d["dtype"] else {}),
-              **({"tokenizer_source": d["tokenizer_source"]} if d["tokenizer_source"] else {}),
-              **({"exclude": d["exclude"]} if d["exclude"] else {})}
-    front = {"base_model": d["base_model"], "tags": ["merge", "cabs-stream"], "library_name": "transformers"}
-    k = len(report["models"])
-    pairs = [f"{report['models'][i]} / {report['models'][j]}: {report['overlap'][i][j]:.4f}"
-             for i in range(k) for j in range(k) if i != j and report["overlap"][i][j] is not None]
-    lines = ["---", yaml.safe_dump(front, sort_keys=False).strip(), "---", "",
-             f"# {title}", "",
-             f"Merged with cabs-stream {__version__}, method "
-             f"`{cfg.method}` ({cfg.spec.summary}; [paper]({cfg.spec.paper})), from `{d['base_model']}` and "
-             f"{k} fine-tuned models.", "", "## Recipe", "", "```yaml",
-             yaml.safe_dump(recipe, sort_keys=False).strip(), "```", "",
-             "## What the merge kept", "", "| model | density |", "|---|---|"]
-    lines += [f"| `{m}` | {dens:.4f} |" for m, dens in zip(report["models"], report["density"])]
-    lines += ["", "Overlap |A and B| / |A| of the kept entries: " + ("; ".join(pairs) if pairs else "-"), ""]
-    return "\n".join(lines)
-
-
 def config_from_description(d: dict, weights: list[float] | None = None) -> MergeConfig:
     """The ``MergeConfig`` a manifest or store describes (``MergeConfig.describe``)."""
     models = [ModelSpec(m["model"], {k: v for k, v in m.items() if k != "model"}) for m in d["models"]]
@@ -309,7 +281,7 @@ def _run_and_finish(cfg: MergeConfig, out_dir: str, work: str, overwrite: bool, 
         output.move_into_place(store_dir, store_to, overwrite, remove_work=False)
     if model_card:
         with open(os.path.join(model_dir, "README.md"), "w", encoding="utf-8") as f:
-            f.write(card(cfg, report, os.path.basename(out_dir)))
+            f.write(card.model_card(cfg, report, os.path.basename(out_dir)))
     output.finish(plan, model_dir, out_dir, {"cabs_manifest.json": manifest, "cabs_report.json": report},
                   overwrite, before_rename=forget, copy_tokenizer=copy_tokenizer)
     return MergeResult(out_dir, report)
