@@ -27,7 +27,7 @@ from numba import njit
 from ..codec import ITEMSIZE
 from ..errors import ConfigError
 from ..report.counts import width as counts_width
-from ..run.workstate import _LazyGroup, crc
+from ..run.workstate import LazyGroup, crc
 
 FORMAT = "cabs-stream task-vector store 1"
 
@@ -48,7 +48,7 @@ def pack_nm(words, wpv, mask, count, m, n, out):
             out[o + x] = 0
 
 
-class TaskVectorStore(_LazyGroup):
+class TaskVectorStore(LazyGroup):
     """Writes (during prune) and reads (during merge --from) one store."""
 
     def __init__(self, path: str, nm: tuple[int, int] | None = None) -> None:

@@ -33,7 +33,7 @@ MASKS_NAME = "cabs_masks.zarr"
 EXTRA = 3  # output CRC, masks CRC, row CRC
 
 
-class _LazyGroup:
+class LazyGroup:
     def __init__(self, path: str) -> None:
         self.path = path
         self._group: zarr.Group | None = None
@@ -59,7 +59,7 @@ def crc(data: np.ndarray | bytes | memoryview) -> int:
     return zlib.crc32(memoryview(data).cast("B") if not isinstance(data, bytes) else data)
 
 
-class WorkState(_LazyGroup):
+class WorkState(LazyGroup):
     """The per-chunk completion record of one run."""
 
     def __init__(self, path: str, fingerprint: str = "") -> None:
@@ -107,7 +107,7 @@ class WorkState(_LazyGroup):
         shutil.rmtree(self.path, ignore_errors=True)
 
 
-class MaskStore(_LazyGroup):
+class MaskStore(LazyGroup):
     """Bit-packed masks per tensor (for ``--save-masks`` and ``analyze``)."""
 
     @classmethod
