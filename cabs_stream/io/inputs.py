@@ -100,12 +100,12 @@ class InputMaps:
 
     def prefetch(self, infos: tuple[TensorInfo, ...], start: int, count: int) -> None:
         """Ask the kernel to start reading a chunk's pages now (asynchronous readahead)."""
-        for info in infos:
+        for info in dict.fromkeys(infos):  # once each (a merge from a store lists the base k + 1 times)
             self._advise(info, start, count, "WILLNEED")
 
     def release(self, infos: tuple[TensorInfo, ...], start: int, count: int) -> None:
         """Drop the mapped pages of a chunk from this process (the page cache keeps them)."""
-        for info in infos:
+        for info in dict.fromkeys(infos):
             self._advise(info, start, count, "DONTNEED")
 
 

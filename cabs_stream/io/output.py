@@ -183,11 +183,14 @@ class ShardFiles:
         is on disk)."""
         try:
             fd = self._fd(shard)
+            start, size = offset, len(data)
             while data:
                 n = platform.pwrite(fd, data, offset)
                 data, offset = data[n:], offset + n
             if sync:
                 platform.datasync(fd)
+            else:  # start writing back now: the disk works while the merge goes on
+                platform.fadvise(fd, "DONTNEED", start, size)
         except OSError as e:
             raise OutputError(f"cannot write {self.paths[shard]}: {e.strerror}") from None
 

@@ -31,6 +31,7 @@ FAST = {
     "madvise": hasattr(mmap.mmap, "madvise") and hasattr(mmap, "MADV_DONTNEED"),
     "fdatasync": hasattr(os, "fdatasync"),
     "flock": fcntl is not None,
+    "fadvise": hasattr(os, "posix_fadvise"),
 }
 _seek_lock = threading.Lock()
 
@@ -60,6 +61,14 @@ def advise(mm: mmap.mmap, advice: str, start: int, length: int) -> None:
     """``madvise`` WILLNEED / DONTNEED (fallback: nothing; resident pages are then left to the OS)."""
     if FAST["madvise"]:
         mm.madvise(getattr(mmap, f"MADV_{advice}"), start, length)
+
+
+def fadvise(fd: int, advice: str, offset: int = 0, length: int = 0) -> None:
+    """``posix_fadvise`` WILLNEED (start reading now) / DONTNEED (on Linux this also starts the
+    writeback of dirty pages at once, so output reaches the disk while the merge goes on).
+    Fallback: nothing (reads and writeback then happen when the OS decides)."""
+    if FAST["fadvise"]:
+        os.posix_fadvise(fd, offset, length, getattr(os, f"POSIX_FADV_{advice}"))
 
 
 def datasync(fd: int) -> None:

@@ -17,6 +17,8 @@ the base and every input, checked before a merge from the store.
 
 from __future__ import annotations
 
+import math
+import mmap
 import os
 from typing import Any
 
@@ -26,6 +28,7 @@ from numba import njit
 
 from ..codec import ITEMSIZE
 from ..errors import ConfigError
+from . import platform
 from ..report.counts import width as counts_width
 from ..run.workstate import LazyGroup, crc
 
@@ -61,7 +64,14 @@ class TaskVectorStore(LazyGroup):
         key = (tensor, name)
         arr = self._arrays.get(key)
         if arr is None:
-            arr = self._arrays[key] = self.group()[tensor][name]
+            g = self.group()
+            with self._lock:
+                if not self._arrays:  # all of them at once: one concurrent metadata pass, not one per chunk
+                    self._arrays.update({tuple(p.split("/")): a for p, a in g.members(max_depth=None)
+                                         if isinstance(a, zarr.Array) and p.count("/") == 1})
+            arr = self._arrays.get(key)
+            if arr is None:
+                arr = self._arrays[key] = g[tensor][name]
         return arr
 
     def __getstate__(self) -> dict:
@@ -151,46 +161,100 @@ class TaskVectorStore(LazyGroup):
         return min(tensor.chunk, tensor.numel - start)
 
     # ------------------------------------------------------------------ reading (merge --from)
-    def _slice(self, tensor: str, name: str, start: int, stop: int) -> np.ndarray:
-        """``array[..., start:stop]``. An uncompressed array (the masks and the compact values) is
-        read straight from its chunk files, which hold the raw little-endian words in C order:
-        one ``pread`` per chunk instead of a pass through Zarr's event loop; others via Zarr."""
+    def _files(self, tensor: str, name: str, start: int, stop: int) -> tuple[Any, list[tuple[int, int, int, str]]]:
+        """The array and, when it is uncompressed little-endian raw words with full leading
+        chunks, the chunk files holding ``[..., start:stop]`` as (chunk, a, b, path) (else [])."""
         arr = self.array(tensor, name)
         endian = getattr(arr.serializer, "endian", None)
         little = endian is None or str(getattr(endian, "value", endian)) == "little"
-        raw = (not arr.compressors and not arr.filters and little
-               and getattr(arr.metadata.chunk_key_encoding, "separator", None) == "/")
+        encoding = arr.metadata.chunk_key_encoding
         lead = arr.shape[:-1]
-        if not raw or (lead and arr.chunks[:-1] != lead):
-            return np.ascontiguousarray(arr[..., start:stop])
+        if (arr.compressors or arr.filters or not little or getattr(encoding, "separator", None) != "/"
+                or (lead and arr.chunks[:-1] != lead)):
+            return arr, []
         width = arr.chunks[-1]
-        dtype = arr.dtype
-        out = np.zeros((*lead, stop - start), dtype)
         folder = os.path.join(self.path, tensor, name)
-        for c in range(start // width, -(-stop // width)):
-            a, b = max(start, c * width), min(stop, (c + 1) * width)
-            key = arr.metadata.chunk_key_encoding.encode_chunk_key((*(0 for _ in lead), c))
+        return arr, [(c, max(start, c * width), min(stop, (c + 1) * width),
+                      os.path.join(folder, *encoding.encode_chunk_key((*(0 for _ in lead), c)).split("/")))
+                     for c in range(start // width, -(-stop // width))]
+
+    def _slice(self, tensor: str, name: str, start: int, stop: int, scratch: Any = None) -> np.ndarray:
+        """``array[..., start:stop]``. An uncompressed array (the masks and the compact values) is
+        read straight from its chunk files, which hold the raw little-endian words in C order,
+        into a buffer of ``scratch`` (the run's per-thread buffers) when given: one read per
+        chunk file instead of a pass through Zarr's event loop; others via Zarr."""
+        arr, files = self._files(tensor, name, start, stop)
+        if not files:
+            return np.ascontiguousarray(arr[..., start:stop])
+        lead, width, dtype = arr.shape[:-1], arr.chunks[-1], arr.dtype
+        if len(files) == 1 and (not lead or (start, stop) == (files[0][0] * width, (files[0][0] + 1) * width)):
+            view = self._mapped(files[0][3], dtype, (*lead, width))  # one chunk file: no copy at all
+            if view is not None:
+                c = files[0][0]
+                return view[..., start - c * width:stop - c * width]
+        shape = (*lead, stop - start)
+        out = scratch(f"store:{name}", shape, dtype) if scratch is not None else np.empty(shape, dtype)
+        for c, a, b, path in files:
             try:
-                with open(os.path.join(folder, *key.split("/")), "rb") as f:
+                with open(path, "rb") as f:
+                    if not lead or (a, b) == (c * width, (c + 1) * width) == (start, stop):
+                        # contiguous in the file and in ``out``: read in place
+                        f.seek((a - c * width) * dtype.itemsize)
+                        target = memoryview(out[..., a - start:b - start]).cast("B")
+                        if f.readinto(target) != target.nbytes:
+                            raise ConfigError(f"task-vector store {self.path}: {path} is truncated; prune again")
+                        continue
                     block = np.frombuffer(f.read(), dtype)
             except FileNotFoundError:  # never written: the fill value
+                out[..., a - start:b - start] = arr.fill_value
                 continue
-            block = block.reshape(*lead, width)
-            out[..., a - start:b - start] = block[..., a - c * width:b - c * width]
+            out[..., a - start:b - start] = block.reshape(*lead, width)[..., a - c * width:b - c * width]
         return out
 
-    def read(self, name: str, start: int, count: int, k: int, wpv: list[int]) -> tuple[np.ndarray, list[np.ndarray]]:
+    def _mapped(self, path: str, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray | None:
+        """A read-only view of a whole chunk file through a memory map (unmapped with the view),
+        or None when it is missing (fill value) or cannot be mapped."""
+        try:
+            with open(path, "rb") as f:
+                mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        except (OSError, ValueError):
+            return None
+        if len(mm) < math.prod(shape) * dtype.itemsize:
+            mm.close()
+            raise ConfigError(f"task-vector store {self.path}: {path} is truncated; prune again")
+        return np.frombuffer(mm, dtype, math.prod(shape)).reshape(shape)
+
+    def _arrays_of(self, start: int, count: int, k: int, wpv: list[int]) -> list[tuple[str, int, int]]:
+        """(array, start, stop) of each array a chunk of elements [start, start + count) reads."""
+        out = [("mask", start // 8, start // 8 + -(-count // 8))]
+        if self.nm is None:
+            return out + [("values", start, start + count)]
+        n, m = self.nm
+        return out + [(f"values_{i}", start // m * n * wpv[i], start // m * n * wpv[i] + -(-count // m) * n * wpv[i])
+                      for i in range(k)]
+
+    def read(self, name: str, start: int, count: int, k: int, wpv: list[int], scratch: Any = None) \
+            -> tuple[np.ndarray, list[np.ndarray]]:
         """(packed masks (k, ceil(count/8)), values): the compact raw words per model, or the
-        dense float32 (k, count) block as a one-element list."""
-        masks = self._slice(name, "mask", start // 8, start // 8 + -(-count // 8))
+        dense float32 (k, count) block as a one-element list; in buffers of ``scratch`` if given."""
+        (_, a, b), *values = self._arrays_of(start, count, k, wpv)
+        masks = self._slice(name, "mask", a, b, scratch)
         if self.nm is None:
             return masks, [np.ascontiguousarray(self.array(name, "values")[:, start:start + count])]
-        n, m = self.nm
-        vals = []
-        for i in range(k):
-            o = start // m * n * wpv[i]
-            vals.append(self._slice(name, f"values_{i}", o, o + -(-count // m) * n * wpv[i]))
-        return masks, vals
+        return masks, [self._slice(name, array, a, b, scratch) for array, a, b in values]
+
+    def prefetch(self, name: str, start: int, count: int, k: int, wpv: list[int]) -> None:
+        """Ask the OS to start reading the chunk files of a later chunk now (asynchronous)."""
+        for array, a, b in self._arrays_of(start, count, k, wpv):
+            for _, _, _, path in self._files(name, array, a, b)[1]:
+                try:
+                    fd = os.open(path, os.O_RDONLY)
+                except OSError:
+                    continue
+                try:
+                    platform.fadvise(fd, "WILLNEED")
+                finally:
+                    os.close(fd)
 
     def written_crc(self, tensor: Any, start: int, k: int) -> int:
         """The CRC of a chunk as stored (resume verification)."""

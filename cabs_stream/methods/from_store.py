@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from numba import njit
+from numba.cpython.unsafe.numbers import trailing_zeros
 
 from ..codec import FLOAT_CODES, ITEMSIZE, decode
 from .nm_kernel import load_group, store_group
@@ -23,7 +24,6 @@ if TYPE_CHECKING:  # pragma: no cover
     from ..run.context import RunContext
 
 
-_LOWEST_BIT = np.array([0] + [(x & -x).bit_length() - 1 for x in range(1, 256)], np.int64)
 _POP = np.array([bin(x).count("1") for x in range(256)], np.int64)
 
 
@@ -32,37 +32,41 @@ def sum_nm(base, base_code, vals, codes, masks, lam, count, m, n, out, out_code,
     """W = W0 + sum_i lam_i * tau_i over kept positions, in listed order, float32 (as
     ``nm_kernel.merge_chunk``); tau_i = (model i's stored word, decoded) - W0. Each group's
     n stored values are decoded at once (dtype branch hoisted), then added at the kept
-    positions, found set bit by set bit (n per group, not m). Adds kept_i and kept-by-both
-    counts to ``stats`` (layout of ``nm_kernel.merge_chunk``)."""
+    positions, found set bit by set bit in 64-bit words (n per group, not m). Adds kept_i
+    and kept-by-both counts to ``stats`` (layout of ``nm_kernel.merge_chunk``)."""
     k = len(vals)
     b = np.empty(m, np.float32)
     acc = np.empty(m, np.float32)
     anyk = np.empty(m, np.uint8)
     v = np.empty(n, np.float32)
+    one = np.uint64(1)
     for g0 in range(0, count, m):
         g = min(m, count - g0)
         load_group(base, base_code, g0, g, b)
-        for j in range(g):
-            acc[j] = 0.0
-            anyk[j] = 0
+        acc[:g] = 0.0
+        anyk[:g] = 0
         e1 = g0 + g
+        last = (e1 - 1) >> 3  # the group's last mask byte
         for i in range(k):
             load_group(vals[i], codes[i], (g0 // m) * n, n, v)
             w = lam[i]
             p = 0
-            for byte in range(g0 >> 3, ((e1 - 1) >> 3) + 1):
+            mi = masks[i]
+            for byte in range(g0 >> 3, last + 1, 8):
                 lo = byte << 3
-                bits = np.int64(masks[i, byte])
+                bits = np.uint64(0)
+                for q in range(min(8, last + 1 - byte)):
+                    bits |= np.uint64(mi[byte + q]) << np.uint64(8 * q)
                 if lo < g0:
-                    bits &= ~((np.int64(1) << (g0 - lo)) - 1)
-                if lo + 8 > e1:
-                    bits &= (np.int64(1) << (e1 - lo)) - 1
+                    bits &= ~((one << np.uint64(g0 - lo)) - one)
+                if lo + 64 > e1:
+                    bits &= (one << np.uint64(e1 - lo)) - one
                 while bits != 0:
-                    j = lo + _LOWEST_BIT[bits] - g0
+                    j = lo + trailing_zeros(bits) - g0
                     acc[j] = acc[j] + w * (v[p] - b[j])
                     anyk[j] = 1
                     p += 1
-                    bits &= bits - 1
+                    bits &= bits - one
             stats[i] += p
         store_group(out, out_code, g0, g, b, acc, anyk)
     for i in range(k):
@@ -101,7 +105,12 @@ class FromStore(Method):
         k = c.k
         name = c.tensor.name
         dtypes = self.dtypes[name]
-        masks, vals = self.store.read(name, c.start, c.count, k, [ITEMSIZE[d] // 2 for d in dtypes])
+        if c.index + 1 < len(run.plan.chunks):  # overlap I/O with compute: start reading the next chunk
+            nxt = run.plan.chunks[c.index + 1]
+            t = run.plan.tensors[nxt.tensor]
+            self.store.prefetch(t.name, nxt.start, nxt.count, k, [ITEMSIZE[d] // 2 for d in self.dtypes[t.name]])
+        masks, vals = self.store.read(name, c.start, c.count, k, [ITEMSIZE[d] // 2 for d in dtypes],
+                                       c.scratch)
         if self.store.nm is not None:
             n, m = self.store.nm
             sum_nm(c.base, c.base_code, tuple(vals), np.array([FLOAT_CODES[d] for d in dtypes], np.int64), masks,

@@ -46,8 +46,8 @@ class LazyGroup:
                     self._group = zarr.open_group(self.path, mode="r+")
         return self._group
 
-    def __getstate__(self) -> dict:  # a process opens its own handle
-        return {k: v for k, v in self.__dict__.items() if k not in ("_group", "_lock")}
+    def __getstate__(self) -> dict:  # a process opens its own handles
+        return {k: v for k, v in self.__dict__.items() if k not in ("_group", "_lock", "_records")}
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
@@ -65,6 +65,7 @@ class WorkState(LazyGroup):
     def __init__(self, path: str, fingerprint: str = "") -> None:
         super().__init__(path)
         self.fingerprint = fingerprint
+        self._records: zarr.Array | None = None
 
     @classmethod
     def open(cls, path: str, fingerprint: str, n_chunks: int, k: int) -> tuple["WorkState", np.ndarray, bool]:
@@ -96,7 +97,9 @@ class WorkState(LazyGroup):
 
     def record(self, index: int, stats: np.ndarray, out_crc: int, masks_crc: int) -> None:
         row = np.concatenate([stats, [out_crc, masks_crc]]).astype(np.int64)
-        self.group()["records"][index] = np.concatenate([row, [self._row_crc(index, row)]])
+        if getattr(self, "_records", None) is None:  # opened once per run and process
+            self._records = self.group()["records"]
+        self._records[index] = np.concatenate([row, [self._row_crc(index, row)]])
 
     def intact(self, index: int, row: np.ndarray) -> bool:
         """The row was written by this run's configuration for this chunk and is undamaged."""
