@@ -69,9 +69,11 @@ class KernelRun:
         s = self.starts[c]
         e = min(s + self.chunk, self.base.size)
         count = e - s
+        k = len(self.fts)
         tail_n = (2 * self.n * (count % self.m) + self.m) // (2 * self.m)
         kernels.merge_chunk(self.base[s:e], BF16, tuple(f[s:e] for f in self.fts), self.codes,
-                            self.lam, self.order, count, self.n, self.m, tail_n, self.mode, True,
+                            self.lam, self.order, count, np.full(k, self.n, np.int64), self.m,
+                            np.full(k, tail_n, np.int64), self.mode, True,
                             self.out[s:e], BF16, self.masks[:, s // 8:-(-e // 8)], self.stats[c])
         self.cpu[c] = time.thread_time() - cpu
 

@@ -112,6 +112,11 @@ class MergeConfig:
         return int(self.value("n"))
 
     @property
+    def ns(self) -> tuple[int, ...]:
+        """n per model (a model's own, else the shared one)."""
+        return tuple(int(self.value("n", model=i)) for i in range(len(self.models)))
+
+    @property
     def m(self) -> int:
         return int(self.value("m"))
 
@@ -291,8 +296,10 @@ def build_config(*, method: str = "cabs", base: str, models: list[str] | list[Mo
                 raise ConfigError(f"parameter {key!r} of {s.path} is global for {spec.name}; "
                                   "give it under the top-level parameters")
             own[key] = check_value(p, v, f"parameters of {s.path}")
-        checked.append(ModelSpec(s.path, own))
+        checked.append(own)
     shared = spec.resolve(shared, len(checked))
+    checked = [ModelSpec(s.path, spec.resolve_model(own, shared, f"parameters of {s.path}"))
+               for s, own in zip(specs, checked)]
 
     real = os.path.realpath
     seen: dict[str, str] = {real(base): base}
@@ -343,6 +350,7 @@ def load_config(path: str, **overrides: Any) -> MergeConfig:
     if not isinstance(entries, list):
         raise ConfigError("'models' must be a list")
     specs = []
+    m_from = False  # m came from a model entry (else from the top-level parameters)
     base = doc.get("base_model")
     for e in entries:
         if isinstance(e, str):
@@ -358,11 +366,14 @@ def load_config(path: str, **overrides: Any) -> MergeConfig:
                           "it contributes no task vector and is skipped", stacklevel=2)
             continue
         p = _nm_spellings(dict(p), MODEL_NM_SPELLINGS, f"parameters of {e['model']}")
-        shared_nm = {k: p.pop(k) for k in ("n", "m") if k in p}
-        for k, v in shared_nm.items():  # one n:m for every model: mergekit's per-model spelling of it
-            if params.setdefault(k, v) != v:
-                raise ConfigError(f"{e['model']} asks for {k}={v} but another model for {k}={params[k]}: "
-                                  "cabs-stream uses one n:m for every model")
+        if "m" in p:  # one m for every model; n may differ per model
+            m = p.pop("m")
+            if params.setdefault("m", m) != m:
+                raise ConfigError(f"{e['model']} asks for m={m} but {'another model' if m_from else 'parameters'} "
+                                  f"for m={params['m']}: every task vector is cut into the same groups of m "
+                                  "consecutive weights (conflict-aware pruning compares them position by "
+                                  "position), so m must be the same for all models; n may differ")
+            m_from = True
         specs.append(ModelSpec(e["model"], p))
     if base is None:
         raise ConfigError(f"config {path} has no base_model")

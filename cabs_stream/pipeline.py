@@ -30,8 +30,8 @@ from .io.store import TaskVectorStore, open_store
 
 STORE_LAYOUT = {
     "nm": "<tensor>/mask: uint8 (k, ceil(numel/8)), bit j of byte j//8 (little-endian) = element j kept by model i; "
-          "<tensor>/values_<i>: uint16 raw words of model i's weights at its kept positions, n per group of m "
-          "in position order, zero-padded",
+          "<tensor>/values_<i>: uint16 raw words of model i's weights at its kept positions, n_i per group of m "
+          "in position order, zero-padded (attrs nm = [[n_i per model], m])",
     "dense": "<tensor>/mask as for n:m; <tensor>/values: float32 (k, numel), kept task-vector entries (after "
              "DELLA's 1/p), 0 elsewhere",
 }
@@ -105,10 +105,10 @@ def run(cfg: MergeConfig, work: str, *, chunk_size: int | None = None, workers: 
         layout = cfg.spec.store_layout
         tvs = TaskVectorStore.create(store, plan, {
             "format": STORE_FORMAT, "fingerprint": fp, "config": cfg.describe(), "inputs": _inputs(plan),
-            "nm": [cfg.n, cfg.m] if layout == "nm" else None, "chunk_size": plan.chunk_size,
+            "nm": [list(cfg.ns), cfg.m] if layout == "nm" else None, "chunk_size": plan.chunk_size,
             "whole_rows": needs.whole_rows, "layout": STORE_LAYOUT[layout],
             "dtypes": {t.name: [f.dtype for f in t.fts] for t in plan.tensors if t.merged}},
-            nm=(cfg.n, cfg.m) if layout == "nm" else None, keep=reopened)
+            nm=(cfg.ns, cfg.m) if layout == "nm" else None, keep=reopened)
 
     ctx = RunContext(plan, method, prep, shards, state, masks, allow_nonfinite, durable, tvs, uuid.uuid4().hex)
     with LeaseGuard([f for ck in (plan.base, *plan.models) for f in ck.files]), ctx:

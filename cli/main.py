@@ -257,7 +257,8 @@ def print_summary(report: dict, out_dir: str) -> None:
     """A few lines a person can read: where, how dense, every overlap pair, balance by tensor class."""
     k = len(report["models"])
     cfg = report["config"]
-    what = cfg["merge_method"] + (f" {cfg['n']}:{cfg['m']} ({cfg['overlap']})" if "overlap" in cfg else "")
+    n = ",".join(map(str, cfg["n"])) if isinstance(cfg.get("n"), list) else cfg.get("n")
+    what = cfg["merge_method"] + (f" {n}:{cfg['m']} ({cfg['overlap']})" if "overlap" in cfg else "")
     f = lambda x: "-" if x is None else f"{x:.3f}"  # noqa: E731
     click.echo(f"merged {k} models into {out_dir} with {what}")
     for i, name in enumerate(report["models"]):

@@ -39,10 +39,12 @@ def top_q(tau: np.ndarray, eligible: np.ndarray, q: int) -> np.ndarray:
     return sel
 
 
-def nm_masks_ref(taus: list[np.ndarray], n: int, m: int, order: list[int] | None = None,
+def nm_masks_ref(taus: list[np.ndarray], n: int | list[int], m: int, order: list[int] | None = None,
                  overlap: str = "fill") -> list[np.ndarray]:
-    """CABS masks: n:m per group of the flat tensor, sequential in ``order``, CA excluding used."""
+    """CABS masks: n:m per group of the flat tensor (``n`` one for all or one per model),
+    sequential in ``order``, CA excluding used."""
     k, size = len(taus), taus[0].size
+    ns = list(n) if isinstance(n, (list, tuple)) else [n] * k
     order = list(range(k)) if order is None else order
     used = np.zeros(size, bool)
     masks = [np.zeros(size, bool) for _ in range(k)]
@@ -50,7 +52,7 @@ def nm_masks_ref(taus: list[np.ndarray], n: int, m: int, order: list[int] | None
         for g0 in range(0, size, m):
             grp = slice(g0, min(g0 + m, size))
             r = grp.stop - g0
-            q = n if r == m else tail_quota(n, r, m)
+            q = ns[i] if r == m else tail_quota(ns[i], r, m)
             sel = top_q(taus[i][grp], ~used[grp], q)
             if overlap == "fill" and sel.sum() < q:
                 sel |= top_q(taus[i][grp], used[grp], q - int(sel.sum()))
@@ -71,7 +73,7 @@ def combine_ref(base: np.ndarray, taus: list[np.ndarray], masks: list[np.ndarray
 
 
 def merge_ref(base: np.ndarray, fts: list[np.ndarray], lam: list[float], method: str = "cabs",
-              n: int = 64, m: int = 256, order: list[int] | None = None,
+              n: int | list[int] = 64, m: int = 256, order: list[int] | None = None,
               overlap: str = "fill") -> tuple[np.ndarray, list[np.ndarray]]:
     """Reference merge of flat float32 tensors: returns the float32 result and the masks."""
     base = base.astype(np.float32).ravel()

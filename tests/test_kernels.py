@@ -29,9 +29,11 @@ def run_kernel(base, fts, lam, n=64, m=256, order=None, overlap="fill", method="
     out = np.zeros(size * (2 if out_dtype == "F32" else 1), np.uint16)
     masks = np.zeros((k, -(-size // 8)), np.uint8)
     stats = np.zeros(3 * k + k * k, np.int64)
+    ns = list(n) if isinstance(n, (list, tuple)) else [n] * k
     K.merge_chunk(bw, FLOAT_CODES[base_dtype], fw, np.array([FLOAT_CODES[d] for d in dtypes]),
                   np.array(lam, np.float32), np.array(order if order is not None else range(k), np.int64),
-                  size, n, m, tail_quota(n, size % m, m), K.KEEP_ALL if method == "task_arithmetic" else K.NM_CA,
+                  size, np.array(ns, np.int64), m, np.array([tail_quota(x, size % m, m) for x in ns], np.int64),
+                  K.KEEP_ALL if method == "task_arithmetic" else K.NM_CA,
                   overlap == "fill", out, FLOAT_CODES[out_dtype], masks, stats)
     bits = [np.unpackbits(masks[i], bitorder="little")[:size].astype(bool) for i in range(k)]
     return decode_ref(out, out_dtype), bits, stats
@@ -113,6 +115,8 @@ def merge_case(draw):
     k = draw(st.integers(1, 5))
     m = draw(st.sampled_from([1, 2, 3, 5, 8, 16, 32, 100, 256]))
     n = draw(st.integers(1, m))
+    if k > 1 and draw(st.booleans()):  # per-model n with the shared m
+        n = [draw(st.integers(1, m)) for _ in range(k)]
     size = draw(st.integers(1, 3 * m + 7))
     levels = draw(st.sampled_from([3, 16, 1000]))  # few levels -> many ties
     zero_frac = draw(st.sampled_from([0.0, 0.3, 0.9, 1.0]))

@@ -29,7 +29,7 @@ def test_base_among_models_and_cabs_spellings(family, tmp_path):
         cfg = load_config(write(tmp_path, spelled))
     said = " ".join(str(n.message) for n in notes)
     assert "also listed under models" in said and "compute dtype" in said and "int8_mask" in said
-    assert (cfg.n, cfg.m, cfg.dtype, [s.path for s in cfg.models]) == (3, 8, "F32", [family["ft1"], family["ft2"]])
+    assert (cfg.ns, cfg.m, cfg.dtype, [s.path for s in cfg.models]) == ((3, 3), 8, "F32", [family["ft1"], family["ft2"]])
     plain = {"merge_method": "cabs", "base_model": family["base"],
              "models": [{"model": family["ft1"], "parameters": {"weight": 1.2}},
                         {"model": family["ft2"], "parameters": {"weight": 0.8}}],
@@ -40,16 +40,42 @@ def test_base_among_models_and_cabs_spellings(family, tmp_path):
     card = open(os.path.join(a.out_dir, "README.md")).read()
     assert card.startswith("---\nbase_model: ") and "- cabs-stream" in card and "library_name: transformers" in card
     recipe = yaml.safe_load(card.split("```yaml\n")[1].split("```")[0])
-    assert recipe["merge_method"] == "cabs" and recipe["parameters"] == {"m": 8, "n": 3}
+    assert recipe["merge_method"] == "cabs" and recipe["parameters"] == {"m": 8}
+    assert [x["parameters"]["n"] for x in recipe["models"]] == [3, 3]  # each model's own n, as it was given
     again = merge(load_config(write(tmp_path, recipe)), str(tmp_path / "again"))  # the card's recipe runs
     assert shard_bytes(again.out_dir) == shard_bytes(a.out_dir)
 
 
-def test_per_model_n_that_differs_is_refused_with_the_reason(family, tmp_path):
+def test_per_model_n_with_a_shared_m(family, tmp_path):
+    """mergekit's per-model n_m_ratio / n_val: each model keeps its own n of every m (exact,
+    against the reference), also through a store; bs_only too."""
+    from cabs_stream import merge_from_store, prune
+    from test_merge import assert_matches, expected
+
+    doc = {"merge_method": "cabs", "base_model": family["base"], "parameters": {"default_m_val": 8},
+           "models": [{"model": family["ft1"], "parameters": {"n_m_ratio": [3, 8], "weight": 1.2}},
+                      {"model": family["ft2"], "parameters": {"n_val": 2, "weight": 0.9}}]}
+    cfg = load_config(write(tmp_path, doc))
+    assert cfg.ns == (3, 2) and cfg.m == 8
+    out = merge(cfg, str(tmp_path / "out"), chunk_size=16)
+    assert_matches(out.out_dir, expected(family, ["ft1", "ft2"], [1.2, 0.9], n=[3, 2], m=8))
+    assert out.report["config"]["n"] == [3, 2]
+    prune(cfg, str(tmp_path / "store.zarr"))
+    point = merge_from_store(str(tmp_path / "store.zarr"), str(tmp_path / "point"), [1.2, 0.9])
+    assert shard_bytes(point.out_dir) == shard_bytes(out.out_dir)
+    bs = load_config(write(tmp_path, {**doc, "merge_method": "bs_only"}))
+    assert bs.ns == (3, 2)
+    merge(bs, str(tmp_path / "bs"))
+
+
+def test_models_with_different_m_are_refused_with_the_reason(family, tmp_path):
     doc = {"merge_method": "cabs", "base_model": family["base"],
            "models": [{"model": family["ft1"], "parameters": {"n_m_ratio": [3, 8]}},
-                      {"model": family["ft2"], "parameters": {"n_m_ratio": [2, 8]}}]}
-    with pytest.raises(ConfigError, match="one n:m for every model"):
+                      {"model": family["ft2"], "parameters": {"n_m_ratio": [2, 16]}}]}
+    with pytest.raises(ConfigError, match="m must be the same for all models; n may differ"):
+        load_config(write(tmp_path, doc))
+    doc["models"][1]["parameters"] = {"n_val": 9}
+    with pytest.raises(ConfigError, match="n must be between 1 and m=8, got 9"):
         load_config(write(tmp_path, doc))
 
 

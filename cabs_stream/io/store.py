@@ -54,9 +54,9 @@ def pack_nm(words, wpv, mask, count, m, n, out):
 class TaskVectorStore(LazyGroup):
     """Writes (during prune) and reads (during merge --from) one store."""
 
-    def __init__(self, path: str, nm: tuple[int, int] | None = None) -> None:
+    def __init__(self, path: str, nm: tuple[tuple[int, ...], int] | None = None) -> None:
         super().__init__(path)
-        self.nm = nm  # (n, m) for the compact layout, else None
+        self.nm = nm  # (n per model, m) for the compact layout, else None
         self._arrays: dict[tuple[str, str], zarr.Array] = {}
 
     def array(self, tensor: str, name: str) -> zarr.Array:
@@ -85,7 +85,8 @@ class TaskVectorStore(LazyGroup):
         self._arrays = {}
 
     @classmethod
-    def create(cls, path: str, plan: Any, attrs: dict, nm: tuple[int, int] | None, keep: bool) -> "TaskVectorStore":
+    def create(cls, path: str, plan: Any, attrs: dict, nm: tuple[tuple[int, ...], int] | None,
+               keep: bool) -> "TaskVectorStore":
         """Create the arrays of every merged tensor (or reopen them when resuming the same run)."""
         if keep:
             try:
@@ -110,9 +111,9 @@ class TaskVectorStore(LazyGroup):
                 tg.create_array("values", shape=(k, t.numel), chunks=(k, max(min(t.chunk, t.numel), 1)),
                                 dtype="float32", fill_value=0.0)
             else:
-                n, m = nm
+                ns, m = nm
                 for i, f in enumerate(t.fts):
-                    wpv = ITEMSIZE[f.dtype] // 2
+                    n, wpv = ns[i], ITEMSIZE[f.dtype] // 2
                     size = -(-t.numel // m) * n * wpv
                     per_chunk = -(-t.chunk // m) * n * wpv
                     tg.create_array(f"values_{i}", shape=(size,), chunks=(max(min(per_chunk, size), 1),),
@@ -137,12 +138,12 @@ class TaskVectorStore(LazyGroup):
 
     def write_nm(self, tensor: Any, start: int, fts: tuple[np.ndarray, ...], masks: np.ndarray) -> int:
         """Compact layout: pack each model's kept raw words; returns the CRC of what was written."""
-        n, m = self.nm
+        ns, m = self.nm
         count = self._count(tensor, start)
         self.array(tensor.name, "mask")[:, start // 8: start // 8 + masks.shape[1]] = masks
         c = crc(masks)
         for i, (words, f) in enumerate(zip(fts, tensor.fts)):
-            wpv = ITEMSIZE[f.dtype] // 2
+            n, wpv = ns[i], ITEMSIZE[f.dtype] // 2
             out = np.empty(-(-count // m) * n * wpv, np.uint16)
             pack_nm(words, wpv, masks[i], count, m, n, out)
             o = start // m * n * wpv
@@ -229,8 +230,8 @@ class TaskVectorStore(LazyGroup):
         out = [("mask", start // 8, start // 8 + -(-count // 8))]
         if self.nm is None:
             return out + [("values", start, start + count)]
-        n, m = self.nm
-        return out + [(f"values_{i}", start // m * n * wpv[i], start // m * n * wpv[i] + -(-count // m) * n * wpv[i])
+        ns, m = self.nm
+        return out + [(f"values_{i}", start // m * ns[i] * wpv[i], (start // m + -(-count // m)) * ns[i] * wpv[i])
                       for i in range(k)]
 
     def read(self, name: str, start: int, count: int, k: int, wpv: list[int], scratch: Any = None) \
@@ -279,5 +280,8 @@ def open_store(path: str) -> tuple[TaskVectorStore, dict]:
         raise ConfigError(f"{path} is not a readable task-vector store ({type(e).__name__})") from None
     if attrs.get("format") != FORMAT:
         raise ConfigError(f"{path} is not a cabs-stream task-vector store (format {attrs.get('format')!r})")
-    nm = tuple(attrs["nm"]) if attrs.get("nm") else None
+    nm = None
+    if attrs.get("nm"):
+        ns, m = attrs["nm"]
+        nm = (tuple(ns) if isinstance(ns, list) else (ns,) * len(attrs["config"]["models"]), m)
     return TaskVectorStore(path, nm), attrs

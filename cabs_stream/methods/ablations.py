@@ -19,7 +19,7 @@ from .. import thresholds
 from . import gta_kernels as GK
 from . import nm_kernel
 from .base import DENSITY, SEED, WEIGHT, Chunk, Method, Needs, Param, top_count, weights
-from .cabs import M, N, ORDER, SPARSITY, resolve_nm, tail_quota
+from .cabs import M, N, ORDER, SPARSITY, describe_nm, quotas, resolve_nm
 from .gta import GTA, GTAParams, chunk_thresholds, tau_keys
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -34,7 +34,7 @@ SELECTION = Param("selection", "choice", "magnitude", "ca_only: how each model s
 @dataclass(frozen=True)
 class BSParams:
     weight: np.ndarray
-    n: int
+    ns: np.ndarray  # n per model
     m: int
 
 
@@ -48,11 +48,14 @@ class BSOnly(Method):
     def resolve(self, params: dict[str, Any], k: int) -> dict[str, Any]:
         return resolve_nm(params)
 
+    def resolve_model(self, own: dict[str, Any], shared: dict[str, Any], where: str) -> dict[str, Any]:
+        return resolve_nm(own, shared, where)
+
     def needs(self, cfg: "MergeConfig") -> Needs:
         return Needs(scratch_bytes=4 + 5 * len(cfg.models) + 4.25)
 
     def prepare(self, cfg: "MergeConfig", t: "TensorJob") -> BSParams:
-        return BSParams(weights(cfg, t), cfg.n, cfg.m)
+        return BSParams(weights(cfg, t), np.array(cfg.ns, np.int64), cfg.m)
 
     def merge_chunk(self, run: "RunContext", c: Chunk) -> None:
         p: BSParams = c.prep
@@ -63,8 +66,9 @@ class BSOnly(Method):
         b, vals = c.decode()
         for i in range(k):  # n:m of this task vector alone: the CABS kernel with k = 1
             one[:] = 0
+            ns, tails = quotas(p.ns[i:i + 1], p.m, c.count)
             nm_kernel.merge_chunk(c.base, c.base_code, (c.fts[i],), c.codes[i:i + 1], p.weight[i:i + 1],
-                                  np.zeros(1, np.int64), c.count, p.n, p.m, tail_quota(p.n, p.m, c.count),
+                                  np.zeros(1, np.int64), c.count, ns, p.m, tails,
                                   nm_kernel.NM_CA, True, tmp, 0, one, np.zeros(3 + 1, np.int64))
             keep[i] = np.unpackbits(one[0], bitorder="little")[:c.count]
         GK.combine(b, vals, keep, p.weight, np.ones(k, np.float32), False, False, np.float32(1), False, c.count,
@@ -72,7 +76,7 @@ class BSOnly(Method):
         c.store_nm()
 
     def describe(self, cfg: "MergeConfig") -> dict[str, Any]:
-        return {"n": cfg.n, "m": cfg.m, "density": cfg.n / cfg.m}
+        return describe_nm(cfg)
 
 
 def exclude_prior(taus: np.ndarray, done: list[int], thr: np.ndarray, bud: np.ndarray, count: int) -> np.ndarray:

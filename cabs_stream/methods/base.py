@@ -148,6 +148,11 @@ class Method:
         single values were already checked against their ``Param``."""
         return params
 
+    def resolve_model(self, own: dict[str, Any], shared: dict[str, Any], where: str) -> dict[str, Any]:
+        """Cross-parameter validation of one model's own parameters (``where`` names it), after
+        ``resolve`` of the shared ones."""
+        return own
+
     def needs(self, cfg: "MergeConfig") -> Needs:
         return Needs()
 

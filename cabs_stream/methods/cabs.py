@@ -25,10 +25,11 @@ if TYPE_CHECKING:  # pragma: no cover
     from ..plan import TensorJob
     from ..run.context import RunContext
 
-N = Param("n", "int", 64, "weights kept in every group of m", filterable=False)
+N = Param("n", "int", 64, "weights kept in every group of m (per model or for all)", per_model=True,
+          filterable=False)
 M = Param("m", "int", 256, "group size: n of every m consecutive weights are kept", filterable=False)
 SPARSITY = Param("sparsity", "float", None, "fraction dropped; sets n = round(m * (1 - sparsity))",
-                 filterable=False)
+                 per_model=True, filterable=False)
 OVERLAP = Param("overlap", "choice", "fill", "a group with fewer than n free non-zero positions: fill tops up "
                 "from used positions (paper Alg. 2), strict keeps fewer (Alg. 1)", choices=("fill", "strict"))
 ORDER = Param("pruning_order", "models", None, "the order task vectors are pruned in (default: listed order)",
@@ -38,24 +39,33 @@ VARIANT = Param("variant", "choice", "paper", "published-2024 reproduces the aut
 MAX_M = 1 << 20
 
 
-def resolve_nm(params: dict[str, Any]) -> dict[str, Any]:
-    """n and m from n/m/sparsity (n = round(m * (1 - sparsity))), validated."""
-    m = params.get("m", M.default)
+def resolve_nm(params: dict[str, Any], shared: dict[str, Any] | None = None, where: str = "parameters") \
+        -> dict[str, Any]:
+    """n and m from n/m/sparsity (n = round(m * (1 - sparsity))), validated: the shared
+    parameters (``shared`` None) hold m, one for every model, and n for the models that do not
+    give their own; a model's own parameters may give its n (or sparsity). Each model's
+    effective n (own, else shared, else the default) must lie in [1, m]."""
+    m = (shared or params).get("m", M.default)
     if not 1 <= m <= MAX_M:
         raise ConfigError(f"m must be at least 1 (and at most {MAX_M}), got {m}")
     if params.get("sparsity") is not None:
         s = params.pop("sparsity")
         if params.get("n") is not None:
-            raise ConfigError("give either n or sparsity, not both")
+            raise ConfigError(f"{where}: give either n or sparsity, not both")
         if not 0 <= s < 1:
-            raise ConfigError(f"sparsity must be in [0, 1), got {s}")
+            raise ConfigError(f"{where}: sparsity must be in [0, 1), got {s}")
         params["n"] = round(m * (1 - s))
         if params["n"] < 1:
-            raise ConfigError(f"sparsity {s} keeps no weight in a group of m={m}; lower it or raise m")
-    n = params.get("n", N.default)
-    if not 1 <= n <= m:
-        raise ConfigError(f"n must be between 1 and m={m}, got {n}")
-    params["n"], params["m"] = n, m
+            raise ConfigError(f"{where}: sparsity {s} keeps no weight in a group of m={m}; lower it or raise m")
+    if shared is None:
+        params["m"] = m
+        if "n" in params and not 1 <= params["n"] <= m:
+            raise ConfigError(f"{where}: n must be between 1 and m={m}, got {params['n']}")
+        return params
+    n = params.get("n", shared.get("n"))
+    if not 1 <= (N.default if n is None else n) <= m:
+        raise ConfigError(f"{where}: n must be between 1 and m={m}, got "
+                          + (f"the default n={N.default}; give n (or sparsity)" if n is None else str(n)))
     return params
 
 
@@ -64,11 +74,24 @@ def tail_quota(n: int, m: int, count: int) -> int:
     return (2 * n * (count % m) + m) // (2 * m)
 
 
+def quotas(ns: np.ndarray, m: int, count: int) -> tuple[np.ndarray, np.ndarray]:
+    """(n per model, tail quota per model) for a chunk of ``count`` elements, as the kernel takes them."""
+    return ns, np.array([tail_quota(int(n), m, count) for n in ns], np.int64)
+
+
+def describe_nm(cfg: "MergeConfig") -> dict[str, Any]:
+    """n (one value, or one per model when they differ), m and density for the manifest."""
+    ns = cfg.ns
+    one = len(set(ns)) == 1
+    return {"n": ns[0] if one else list(ns), "m": cfg.m,
+            "density": ns[0] / cfg.m if one else [n / cfg.m for n in ns]}
+
+
 @dataclass(frozen=True)
 class CabsParams:
     weight: np.ndarray
     order: np.ndarray
-    n: int
+    ns: np.ndarray  # n per model
     m: int
     fill: bool
     published: bool
@@ -87,25 +110,32 @@ class Cabs(Method):
             raise ConfigError("variant published-2024 merges exactly two models, as the published scripts did")
         return params
 
+    def resolve_model(self, own: dict[str, Any], shared: dict[str, Any], where: str) -> dict[str, Any]:
+        own = resolve_nm(own, shared, where)
+        if "n" in own and shared.get("variant") == "published-2024":
+            raise ConfigError(f"{where}: variant published-2024 uses one n for both models, as the published "
+                              "scripts did")
+        return own
+
     def needs(self, cfg: "MergeConfig") -> Needs:
         published = cfg.value("variant") == "published-2024"
         return Needs(scratch_bytes=(16 + 8 * len(cfg.models)) if published else 0.0)
 
     def prepare(self, cfg: "MergeConfig", t: "TensorJob") -> CabsParams:
-        return CabsParams(weights(cfg, t), np.array(cfg.order, np.int64), cfg.n, cfg.m,
+        return CabsParams(weights(cfg, t), np.array(cfg.order, np.int64), np.array(cfg.ns, np.int64), cfg.m,
                           cfg.value("overlap") == "fill", cfg.value("variant") == "published-2024")
 
     def merge_chunk(self, run: "RunContext", c: Chunk) -> None:
         p: CabsParams = c.prep
         if not p.published:
-            nm_kernel.merge_chunk(c.base, c.base_code, c.fts, c.codes, p.weight, p.order, c.count, p.n, p.m,
-                                  tail_quota(p.n, p.m, c.count), nm_kernel.NM_CA, p.fill, c.out, c.out_code,
-                                  c.masks, c.stats)
+            ns, tails = quotas(p.ns, p.m, c.count)
+            nm_kernel.merge_chunk(c.base, c.base_code, c.fts, c.codes, p.weight, p.order, c.count, ns, p.m,
+                                  tails, nm_kernel.NM_CA, p.fill, c.out, c.out_code, c.masks, c.stats)
             c.store_nm()
             return
         k = c.k
         b, vals = c.decode(values=True)
-        res, kept = published_2024(b, vals, p.weight, p.n, p.m, tuple(p.order))
+        res, kept = published_2024(b, vals, p.weight, int(p.ns[0]), p.m, tuple(p.order))
         encode(res, c.out_code, c.out)
         c.masks[:] = np.packbits(kept, axis=1, bitorder="little")
         c.stats[:k] = kept.sum(axis=1)
@@ -114,7 +144,7 @@ class Cabs(Method):
         c.stats[3 * k + 1] = (kept[0] & kept[1]).sum()
 
     def describe(self, cfg: "MergeConfig") -> dict[str, Any]:
-        return {"n": cfg.n, "m": cfg.m, "density": cfg.n / cfg.m, "overlap": cfg.value("overlap"),
+        return {**describe_nm(cfg), "overlap": cfg.value("overlap"),
                 "pruning_order": [cfg.models[i].path for i in cfg.order]}
 
 

@@ -28,17 +28,17 @@ _POP = np.array([bin(x).count("1") for x in range(256)], np.int64)
 
 
 @njit(nogil=True, cache=True)
-def sum_nm(base, base_code, vals, codes, masks, lam, count, m, n, out, out_code, stats):
+def sum_nm(base, base_code, vals, codes, masks, lam, count, m, ns, out, out_code, stats):
     """W = W0 + sum_i lam_i * tau_i over kept positions, in listed order, float32 (as
     ``nm_kernel.merge_chunk``); tau_i = (model i's stored word, decoded) - W0. Each group's
-    n stored values are decoded at once (dtype branch hoisted), then added at the kept
-    positions, found set bit by set bit in 64-bit words (n per group, not m). Adds kept_i
-    and kept-by-both counts to ``stats`` (layout of ``nm_kernel.merge_chunk``)."""
+    ns[i] stored values of model i are decoded at once (dtype branch hoisted), then added at
+    the kept positions, found set bit by set bit in 64-bit words (n per group, not m). Adds
+    kept_i and kept-by-both counts to ``stats`` (layout of ``nm_kernel.merge_chunk``)."""
     k = len(vals)
     b = np.empty(m, np.float32)
     acc = np.empty(m, np.float32)
     anyk = np.empty(m, np.uint8)
-    v = np.empty(n, np.float32)
+    v = np.empty(max(ns.max(), 1), np.float32)
     one = np.uint64(1)
     for g0 in range(0, count, m):
         g = min(m, count - g0)
@@ -48,6 +48,7 @@ def sum_nm(base, base_code, vals, codes, masks, lam, count, m, n, out, out_code,
         e1 = g0 + g
         last = (e1 - 1) >> 3  # the group's last mask byte
         for i in range(k):
+            n = ns[i]
             load_group(vals[i], codes[i], (g0 // m) * n, n, v)
             w = lam[i]
             p = 0
@@ -112,9 +113,9 @@ class FromStore(Method):
         masks, vals = self.store.read(name, c.start, c.count, k, [ITEMSIZE[d] // 2 for d in dtypes],
                                        c.scratch)
         if self.store.nm is not None:
-            n, m = self.store.nm
+            ns, m = self.store.nm
             sum_nm(c.base, c.base_code, tuple(vals), np.array([FLOAT_CODES[d] for d in dtypes], np.int64), masks,
-                   p.weight, c.count, m, n, c.out, c.out_code, c.stats)
+                   p.weight, c.count, m, np.array(ns, np.int64), c.out, c.out_code, c.stats)
             c.masks[:] = masks
             return
         b = decode(c.base, c.base_code, c.count)

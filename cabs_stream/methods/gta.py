@@ -169,7 +169,8 @@ class GTA(Method):
         k = c.k
         if p.fused:
             nm_kernel.merge_chunk(c.base, c.base_code, c.fts, c.codes, p.weight, np.arange(k, dtype=np.int64),
-                                  c.count, 1, 256, 1, nm_kernel.KEEP_ALL, False, c.out, c.out_code, c.masks, c.stats)
+                                  c.count, np.ones(k, np.int64), 256, np.ones(k, np.int64), nm_kernel.KEEP_ALL, False,
+                                  c.out, c.out_code, c.masks, c.stats)
             if c.store is not None:
                 _, vals = c.decode()
                 c.store_dense(vals, vals != 0)

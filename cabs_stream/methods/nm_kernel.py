@@ -262,12 +262,13 @@ def _both(flags, i, l, g):
 
 # --------------------------------------------------------------------------- the chunk
 @njit(nogil=True, cache=True)
-def merge_chunk(base, base_code, fts, codes, lam, order, count, n, m, tail_n, mode, fill,
+def merge_chunk(base, base_code, fts, codes, lam, order, count, ns, m, tails, mode, fill,
                 out, out_code, masks, stats):
     """Merge ``count`` elements (a chunk starting at a multiple of m).
 
     base, fts[i]: raw uint16 words; codes: dtype code per fine-tuned model; lam: float32
-    weights; order: pruning order (indices into fts); tail_n: quota of a final short group;
+    weights; order: pruning order (indices into fts); ns[i]: model i's n (kept per group of m);
+    tails[i]: its quota in a final short group;
     mode: KEEP_ALL or NM_CA; fill: top up short groups from used positions (CA "fill").
     Writes the merged raw words to ``out``, packed masks to ``masks[i]`` (must be zeroed,
     bit j of byte j//8 little-endian) and adds counts to ``stats``:
@@ -289,7 +290,6 @@ def merge_chunk(base, base_code, fts, codes, lam, order, count, n, m, tail_n, mo
     cnt = np.zeros(3 * k + k * k, np.int64)
     for g0 in range(0, count, m):
         g = min(m, count - g0)
-        q = n if g == m else tail_n
         if g < m:  # short group: clear flags past its end (read by the byte packing)
             flags[:, _PAD + g:_PAD + m] = 0
         load_group(base, base_code, g0, g, b)
@@ -307,6 +307,7 @@ def merge_chunk(base, base_code, fts, codes, lam, order, count, n, m, tail_n, mo
                 used[j] = 0
             for p in range(k):
                 i = order[p]
+                q = ns[i] if g == m else tails[i]
                 filled[i] = False
                 got = 0
                 for want in range(2):  # positions not used yet; then "fill" from used ones
