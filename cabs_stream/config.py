@@ -91,6 +91,7 @@ class MergeConfig:
     tokenizer_source: str | None = None
     allow_missing: bool = False
     exclude: tuple[str, ...] = ()  # tensor-name substrings copied from the base
+    base_given: bool = True  # False: no base_model (linear); ``base`` is the first model, for the layout
 
     @property
     def spec(self) -> Method:
@@ -135,7 +136,7 @@ class MergeConfig:
         params = {k: plain(v) for k, v in sorted(self.params.items()) if k != "pruning_order"}
         d: dict[str, Any] = {
             "merge_method": self.method,
-            "base_model": self.base,
+            "base_model": self.base if self.base_given else None,
             "models": [{"model": s.path, "weight": plain(_first(s.get("weight"), self.params.get("weight"), 1.0)),
                         **{k: plain(v) for k, v in s.params if k != "weight"}} for s in self.models],
             "parameters": params,
@@ -231,7 +232,7 @@ def _not_for_method(name: str, method: Method, where: str) -> ConfigError:
 
 
 # ------------------------------------------------------------------------ building
-def build_config(*, method: str = "cabs", base: str, models: list[str] | list[ModelSpec],
+def build_config(*, method: str = "cabs", base: str | None, models: list[str] | list[ModelSpec],
                  weights: list[float] | None = None, n: int | None = None, m: int | None = None,
                  sparsity: float | None = None, overlap: str | None = None,
                  pruning_order: list[str] | None = None, dtype: str | None = None,
@@ -249,8 +250,13 @@ def build_config(*, method: str = "cabs", base: str, models: list[str] | list[Mo
     if not isinstance(method, str) or method not in registry.names():
         raise ConfigError(f"unknown merge_method {_short(method)}; choose one of {', '.join(registry.names())}")
     spec = registry.get(method)
-    if not base or not isinstance(base, (str, os.PathLike)):
+    base_given = base is not None
+    if base_given and (not base or not isinstance(base, (str, os.PathLike))):
         raise ConfigError(f"base_model must be a path, got {_short(base)}")
+    if not base_given and not spec.base_optional:
+        raise ConfigError(f"merge_method {spec.name} needs a base_model (task vectors are taken from it); only "
+                          + ", ".join(n for n in registry.names() if registry.get(n).base_optional)
+                          + " can run without one")
     for s in models:
         if not isinstance(s, (ModelSpec, str, os.PathLike)):
             raise ConfigError(f"a model must be a path, got {_short(s)}")
@@ -260,6 +266,8 @@ def build_config(*, method: str = "cabs", base: str, models: list[str] | list[Mo
     specs = [s if isinstance(s, ModelSpec) else ModelSpec(str(s)) for s in models]
     if not specs:
         raise ConfigError("at least one fine-tuned model is required")
+    if not base_given:
+        base = specs[0].path  # lays out the output (tensors, config, tokenizer), as in mergekit
     paths = [s.path for s in specs]
     if weights:
         if len(weights) != len(specs):
@@ -302,7 +310,7 @@ def build_config(*, method: str = "cabs", base: str, models: list[str] | list[Mo
                for s, own in zip(specs, checked)]
 
     real = os.path.realpath
-    seen: dict[str, str] = {real(base): base}
+    seen: dict[str, str] = {real(base): base} if base_given else {}
     for s in checked:
         r = real(s.path)
         if r in seen:
@@ -314,7 +322,7 @@ def build_config(*, method: str = "cabs", base: str, models: list[str] | list[Mo
     except ValueError as e:
         raise ConfigError(str(e)) from None
     return MergeConfig(spec.name, str(base), tuple(checked), shared, out_dtype, tokenizer_source,
-                       allow_missing, tuple(exclude or ()))
+                       allow_missing, tuple(exclude or ()), base_given)
 
 
 def load_config(path: str, **overrides: Any) -> MergeConfig:
@@ -375,8 +383,6 @@ def load_config(path: str, **overrides: Any) -> MergeConfig:
                                   "position), so m must be the same for all models; n may differ")
             m_from = True
         specs.append(ModelSpec(e["model"], p))
-    if base is None:
-        raise ConfigError(f"config {path} has no base_model")
     dtype = doc.get("dtype")
     if doc.get("out_dtype") is not None:
         if dtype is not None:

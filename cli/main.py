@@ -213,8 +213,9 @@ def merge_cmd(config, out_dir, output, method, base, models, weights, dtype, tok
                                   params=params or None, model_params=_per_model(per_model, k),
                                   exclude=list(exclude) or None)
             else:
-                if not base or not models:
-                    raise click.UsageError("give a CONFIG file, or --base and at least one --model")
+                if not models:
+                    raise click.UsageError("give a CONFIG file, or --base and at least one --model (linear "
+                                           "may leave out --base)")
                 cfg = build_config(method=method or "cabs", base=base, models=list(models), weights=list(weights),
                                    dtype=dtype, tokenizer_source=tokenizer_source, allow_missing=allow_missing,
                                    params=params, model_params=_per_model(per_model, len(models)),

@@ -118,3 +118,27 @@ def test_mergekit_yaml_command_line(family, tmp_path):
     r = CliRunner().invoke(mergekit_yaml, [path, str(tmp_path / "o3"), "--no-copy-tokenizer", "--no-write-model-card",
                                            "--quiet"])
     assert r.exit_code == 0 and not {"README.md", "tokenizer.json"} & set(os.listdir(tmp_path / "o3"))
+
+
+def test_linear_without_a_base(family, tmp_path):
+    """As in mergekit, linear needs no base_model: the first model lays out the output, and the
+    result equals linear with a base (which only lays out the output); the card's recipe reruns."""
+    from conftest import load_model
+
+    doc = {"merge_method": "linear", "dtype": "float32",
+           "models": [{"model": family["ft1"], "parameters": {"weight": 0.7}},
+                      {"model": family["ft2"], "parameters": {"weight": 0.3}}]}
+    cfg = load_config(write(tmp_path, doc))
+    assert cfg.base == family["ft1"] and not cfg.base_given
+    out = merge(cfg, str(tmp_path / "out"))
+    with_base = merge(load_config(write(tmp_path, {**doc, "base_model": family["base"]})), str(tmp_path / "b"))
+    got, ref = load_model(out.out_dir), load_model(with_base.out_dir)
+    assert set(got) == set(ref) - {"buffer.position_ids"}  # ft1 has no integer buffer
+    assert all(got[n].equal(ref[n]) for n in got)
+    card = open(os.path.join(out.out_dir, "README.md")).read()
+    recipe = yaml.safe_load(card.split("```yaml\n")[1].split("```")[0])
+    assert "base_model" not in recipe
+    again = merge(load_config(write(tmp_path, recipe)), str(tmp_path / "again"))
+    assert shard_bytes(again.out_dir) == shard_bytes(out.out_dir)
+    with pytest.raises(ConfigError, match="merge_method ties needs a base_model .* only linear can run without"):
+        load_config(write(tmp_path, {**doc, "merge_method": "ties"}))

@@ -139,6 +139,8 @@ class Method:
     #: How ``prune`` stores its task vectors: "nm" (compact n per group of m), "dense", or None
     #: (the method has no lambda-independent pruned task vectors to store).
     store_layout: str | None = "dense"
+    #: The method can run without a base model (the first model then lays out the output).
+    base_optional: bool = False
 
     def param(self, name: str) -> Param | None:
         return next((p for p in self.params if p.name == name), None)

@@ -1,7 +1,8 @@
 """``linear``: the weighted average of the fine-tuned models' weights (not of task vectors).
 
 W = sum_i w_i W_i / sum_i w_i (``normalize``, default true, as in mergekit), accumulated in
-float32 in the models' listed order. The base defines the output's tensors and layout.
+float32 in the models' listed order. The base defines the output's tensors and layout; as in
+mergekit, it may be left out, and the first listed model then does.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ class Linear(Method):
     paper = "https://arxiv.org/abs/2203.05482"
     params = (WEIGHT, Param(NORMALIZE.name, "bool", True, NORMALIZE.help), INT8_MASK)
     store_layout = None  # no lambda-independent pruned task vectors
+    base_optional = True
 
     def needs(self, cfg: "MergeConfig") -> Needs:
         return Needs(scratch_bytes=4 + 5 * len(cfg.models))

@@ -12,22 +12,22 @@ def model_card(cfg: MergeConfig, report: dict, title: str) -> str:
     """README.md of a merged folder: Hub front matter, the method, the recipe as runnable YAML,
     and the report's density and overlap."""
     d = cfg.describe()
-    recipe = {"merge_method": d["merge_method"], "base_model": d["base_model"],
+    recipe = {"merge_method": d["merge_method"], **({"base_model": d["base_model"]} if d["base_model"] else {}),
               "models": [{"model": m["model"], "parameters": {k: v for k, v in m.items() if k != "model"}}
                          for m in d["models"]],
               "parameters": d["parameters"],
               **({"dtype": {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}[d["dtype"]]} if d["dtype"] else {}),
               **({"tokenizer_source": d["tokenizer_source"]} if d["tokenizer_source"] else {}),
               **({"exclude": d["exclude"]} if d["exclude"] else {})}
-    front = {"base_model": d["base_model"], "tags": ["merge", "cabs-stream"], "library_name": "transformers"}
+    front = {"base_model": d["base_model"] or [m["model"] for m in d["models"]], "tags": ["merge", "cabs-stream"], "library_name": "transformers"}
     k = len(report["models"])
     pairs = [f"{report['models'][i]} / {report['models'][j]}: {report['overlap'][i][j]:.4f}"
              for i in range(k) for j in range(k) if i != j and report["overlap"][i][j] is not None]
     lines = ["---", yaml.safe_dump(front, sort_keys=False).strip(), "---", "",
              f"# {title}", "",
              f"Merged with cabs-stream {__version__}, method "
-             f"`{cfg.method}` ({cfg.spec.summary}; [paper]({cfg.spec.paper})), from `{d['base_model']}` and "
-             f"{k} fine-tuned models.", "", "## Recipe", "", "```yaml",
+             f"`{cfg.method}` ({cfg.spec.summary}; [paper]({cfg.spec.paper})), "
+             + (f"from `{d['base_model']}` and {k} fine-tuned models." if d["base_model"] else f"of {k} models."), "", "## Recipe", "", "```yaml",
              yaml.safe_dump(recipe, sort_keys=False).strip(), "```", "",
              "## What the merge kept", "", "| model | density |", "|---|---|"]
     lines += [f"| `{m}` | {dens:.4f} |" for m, dens in zip(report["models"], report["density"])]
