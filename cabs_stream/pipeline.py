@@ -17,7 +17,7 @@ from .methods import registry
 from .errors import ConfigError, OutputError
 from .io import output, platform
 from .io.inputs import LeaseGuard
-from .plan import Plan, engine_settings, make_plan
+from .plan import Plan, engine_settings, make_plan, shard_bytes
 from .report import model_card as card
 from .report.progress import MergeProgress
 from .report.summary import summarize
@@ -79,7 +79,7 @@ def run(cfg: MergeConfig, work: str, *, chunk_size: int | None = None, workers: 
     if scheduler not in schedule.SCHEDULERS:
         raise ConfigError(f"unknown scheduler {scheduler!r}; choose one of {', '.join(schedule.SCHEDULERS)}")
     chunk, workers = engine_settings(cfg, chunk_size, workers, parse_size(memory) if memory is not None else None)
-    plan = make_plan(cfg, chunk, parse_size(shard_size), convert_dir=os.path.join(work, "converted"),
+    plan = make_plan(cfg, chunk, shard_bytes(shard_size), convert_dir=os.path.join(work, "converted"),
                      whole_rows=from_store.whole_rows if from_store else None, stored=from_store is not None)
     method = from_store or cfg.spec
     needs = method.needs(cfg)
@@ -167,6 +167,7 @@ def merge(config: MergeConfig | str, out_dir: str, *, chunk_size: int | None = N
     are on by default, as in mergekit.
     """
     cfg = _config(config)
+    shard_bytes(shard_size)
     extra = [keep_task_vectors] if keep_task_vectors else []
     if keep_task_vectors:
         _check_storable(cfg)
@@ -198,6 +199,7 @@ def merge_from_store(store: str, out_dir: str, weights: list[float] | None = Non
     store's), reading only the base and the store. Bit-identical to a fresh ``merge`` of the
     store's configuration with those weights. A store whose base or inputs changed since it
     was written is refused."""
+    shard_bytes(shard_size)
     tvs, attrs = open_store(store)
     cfg = config_from_description(attrs["config"], weights)
     for entry in attrs["inputs"]:
@@ -258,7 +260,7 @@ def _guarded(cfg: MergeConfig, out_dir: str, overwrite: bool, extra_inputs: list
         where = f" {e.filename}" if e.filename else ""
         raise OutputError(f"I/O error{where}: {e.strerror or e}; the work folder is kept, rerun to resume") from None
     except MemoryError:
-        raise ConfigError("out of memory: lower --memory, --chunk-size or --workers") from None
+        raise ConfigError("out of memory: lower `memory`, `chunk_size` or `workers`") from None
 
 
 def _run_and_finish(cfg: MergeConfig, out_dir: str, work: str, overwrite: bool, engine: dict,

@@ -13,7 +13,7 @@ import warnings
 from dataclasses import dataclass
 
 from .codec import COPY_ONLY, FLOAT_CODES, ITEMSIZE, is_mergeable
-from .config import MergeConfig
+from .config import MergeConfig, parse_size
 from .errors import CheckpointError, ConfigError
 from .io.checkpoint import Checkpoint, open_checkpoint
 from .io.safetensors_format import TensorInfo, build_header
@@ -22,6 +22,17 @@ DEFAULT_CHUNK = 1 << 22  # elements
 MAX_CHUNK = 1 << 27  # elements (a chunk's buffers stay well inside 32-bit element counts)
 MAX_WORKERS = 1024
 RUNTIME_RESERVE = 256 << 20  # bytes for the interpreter, numba, dask and zarr
+MIN_SHARD_BYTES = 1_000_000  # a smaller shard size is a mistake (mergekit's "1B" read as bytes)
+
+
+def shard_bytes(size: int | str) -> int:
+    """The output shard size in bytes, at least 1 MB."""
+    n = parse_size(size)
+    if n < MIN_SHARD_BYTES:
+        raise ConfigError(f"`shard_size` {size!r} is {n} bytes, under the 1 MB floor; write e.g. 5GB (a size in "
+                          "bytes; mergekit's --out-shard-size 1B means a billion parameters: cabs-stream-yaml "
+                          "takes it with that meaning)")
+    return n
 
 
 @dataclass(frozen=True)
@@ -135,7 +146,7 @@ def match_tensors(config: MergeConfig, base: Checkpoint, models: list[Checkpoint
                     fts.append(b)  # task vector zero here
                     continue
                 raise CheckpointError(f"tensor is missing (the base has it with shape {list(b.shape)}); "
-                                      "pass --allow-missing to treat its task vector as zero",
+                                      "pass `allow_missing=True` to treat its task vector as zero",
                                       model=mdl.label, file=mdl.files[0] if len(mdl.files) == 1 else mdl.root,
                                       tensor=name)
             if f.dtype not in FLOAT_CODES:
@@ -168,10 +179,10 @@ def engine_settings(config: MergeConfig, chunk_size: int | None, workers: int | 
     # Chunks wait on page faults as much as on the CPU: two per core keep the disk busy.
     workers = workers or 2 * (os.cpu_count() or 1)
     if not 1 <= workers <= MAX_WORKERS:
-        raise ConfigError(f"--workers must be between 1 and {MAX_WORKERS}, got {workers}")
+        raise ConfigError(f"`workers` must be between 1 and {MAX_WORKERS}, got {workers}")
     if chunk_size is not None:
         if not 1 <= chunk_size <= MAX_CHUNK:
-            raise ConfigError(f"--chunk-size must be between 1 and {MAX_CHUNK} elements, got {chunk_size}")
+            raise ConfigError(f"`chunk_size` must be between 1 and {MAX_CHUNK} elements, got {chunk_size}")
         return chunk_size, workers
     if memory is None:
         return DEFAULT_CHUNK, workers
@@ -179,7 +190,7 @@ def engine_settings(config: MergeConfig, chunk_size: int | None, workers: int | 
     per_element = 4 * (k + 1) + 4 + k / 8 + config.spec.needs(config).scratch_bytes
     room = memory - RUNTIME_RESERVE
     if room < 64 * 1024 * per_element:
-        raise ConfigError(f"--memory {memory} bytes is too small; allow at least "
+        raise ConfigError(f"`memory` {memory} bytes is too small; allow at least "
                           f"{(RUNTIME_RESERVE + 64 * 1024 * per_element) / 2**20:.0f} MiB")
     chunk = int(room / (2 * workers * per_element))
     return min(chunk, 1 << 24), workers

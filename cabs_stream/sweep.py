@@ -65,7 +65,7 @@ def command_evaluator(command: str, timeout: float | None = None) -> Evaluator:
     """An evaluator running ``command`` (``{model}`` = the merged folder; no shell)."""
     args = shlex.split(command)
     if not any("{model}" in a for a in args):
-        raise ConfigError("the --eval command must contain {model} (the merged folder's place)")
+        raise ConfigError("the `evaluate` command must contain {model} (the merged folder's place)")
 
     def run(model: str) -> float:
         r = subprocess.run([a.replace("{model}", model) for a in args], capture_output=True, text=True,
@@ -197,10 +197,10 @@ def sweep(config: MergeConfig | str, out_dir: str, *, weights: str | None = None
         raise ConfigError(f"merge_method {cfg.method} has no per-model weight to sweep")
     ev = command_evaluator(evaluate) if isinstance(evaluate, str) else evaluate
     if (refine or search) and ev is None:
-        raise ConfigError("refine and search need an evaluator (--eval)")
+        raise ConfigError("refine and search need an evaluator (`evaluate`)")
     modes = sum(x is not None and x is not False for x in (weights_per_model, search)) + bool(refine)
     if modes > 1:
-        raise ConfigError("give one of --weights-per-model, --refine or --search")
+        raise ConfigError("give one of `weights_per_model`, `refine=True` or `search`")
     sw = Sweep(cfg, out_dir, ev, minimize, keep, quiet, engine)
     sw.open()
     k = sw.k
@@ -222,11 +222,11 @@ def sweep(config: MergeConfig | str, out_dir: str, *, weights: str | None = None
     else:
         if weights_per_model:
             if len(weights_per_model) not in (1, k):
-                raise ConfigError(f"give one --weights-per-model grid, or one per model ({k})")
+                raise ConfigError(f"give one `weights_per_model` grid, or one per model ({k})")
             axes = [grid(g) for g in (weights_per_model * k if len(weights_per_model) == 1 else weights_per_model)]
             count = math.prod(len(a) for a in axes)
             if count > max_points:
-                raise ConfigError(f"the per-model grid has {count} points; at most {max_points} (--max-points)")
+                raise ConfigError(f"the per-model grid has {count} points; at most {max_points} (`max_points`)")
             points = [list(p) for p in itertools.product(*axes)]
         else:
             points = [[w] * k for w in grid(weights or "1.0")]
@@ -241,11 +241,11 @@ def _optuna(sw: Sweep, trials: int, search_range: tuple[float, float], sampler: 
     try:
         import optuna
     except ImportError:
-        raise ConfigError("--search optuna needs optuna: pip install 'cabs-stream[search]'") from None
+        raise ConfigError("`search` optuna needs optuna: pip install 'cabs-stream[search]'") from None
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     lo, hi = search_range
     if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
-        raise ConfigError(f"--range must be LO:HI with LO < HI, got {lo}:{hi}")
+        raise ConfigError(f"`search_range` must be LO:HI with LO < HI, got {lo}:{hi}")
     make = {"tpe": lambda: optuna.samplers.TPESampler(seed=seed),
             "cmaes": lambda: optuna.samplers.CmaEsSampler(seed=seed),
             "gp": lambda: optuna.samplers.GPSampler(seed=seed)}

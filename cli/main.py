@@ -13,7 +13,7 @@ import click
 
 from cabs_stream import __version__
 from cabs_stream.config import build_config, load_config, parse_size
-from cabs_stream.errors import CabsError, ConfigError
+from cabs_stream.errors import CabsError, ConfigError, cli_words
 from cabs_stream.pipeline import merge as run_merge
 from cabs_stream.pipeline import merge_from_store as run_from_store
 from cabs_stream.pipeline import prune as run_prune
@@ -25,7 +25,7 @@ def _fail(e: Exception) -> None:
     """One line on stderr, exit code 2."""
     if isinstance(e, OSError):
         e = f"I/O error{' ' + str(e.filename) if e.filename else ''}: {e.strerror or e}"
-    click.echo("error: " + " ".join(str(e).split()), err=True)
+    click.echo("error: " + " ".join(cli_words(str(e)).split()), err=True)
     sys.exit(2)
 
 
@@ -239,7 +239,7 @@ def merge_cmd(config, out_dir, output, method, base, models, weights, dtype, tok
 def _notes(notes: list) -> None:
     """Warnings raised during a run, one line each."""
     for text in dict.fromkeys(str(w.message) for w in notes):
-        click.echo(f"note: {text}", err=True)
+        click.echo(f"note: {cli_words(text)}", err=True)
     notes.clear()
 
 

@@ -15,7 +15,7 @@ import warnings
 import click
 
 from cabs_stream.config import load_config
-from cabs_stream.errors import CabsError, ConfigError
+from cabs_stream.errors import CabsError, ConfigError, cli_words
 from cabs_stream.pipeline import merge as run_merge
 
 _NO_MEANING = {
@@ -119,7 +119,7 @@ def main(config, out_path, copy_tokenizer, out_shard_size, write_model_card, ran
         for text in dict.fromkeys(str(w.message) for w in notes):
             click.echo(f"note: {text}", err=True)
     except (CabsError, OSError) as e:
-        click.echo("error: " + " ".join(str(e).split()), err=True)
+        click.echo("error: " + " ".join(cli_words(str(e)).split()), err=True)
         sys.exit(2)
     if not quiet:
         from cabs_stream_cli.main import print_summary

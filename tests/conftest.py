@@ -165,3 +165,11 @@ def killed_after(chunks: int):
             yield
     finally:
         tasks.merge_chunk = real
+
+
+@pytest.fixture
+def small_shards(monkeypatch):
+    """Lower the 1 MB shard floor so that the tiny test models still span several shards."""
+    from cabs_stream import plan
+
+    monkeypatch.setattr(plan, "MIN_SHARD_BYTES", 1)

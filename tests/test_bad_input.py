@@ -39,7 +39,7 @@ def test_shape_mismatch(family, tmp_path):
 
 def test_missing_tensor_and_allow_missing(family, tmp_path):
     rewrite_model(family["ft1"], {"head.weight": None})
-    with pytest.raises(CheckpointError, match=r"ft1.*'head.weight'.*missing.*--allow-missing"):
+    with pytest.raises(CheckpointError, match=r"ft1.*'head.weight'.*missing.*`allow_missing=True`"):
         run(family, tmp_path)
     assert nothing_written(tmp_path)
     res = run(family, tmp_path, allow_missing=True)
@@ -97,7 +97,7 @@ def test_nonfinite_task_vector(family, tmp_path):
     w = load_model(family["ft1"])["layer.1.w"].float().numpy()
     w[2, 3] = np.nan
     rewrite_model(family["ft1"], {"layer.1.w": (w, "F32")})
-    with pytest.raises(CheckpointError, match=r"ft1.*'layer.1.w'.*NaN/Inf.*--allow-nonfinite"):
+    with pytest.raises(CheckpointError, match=r"ft1.*'layer.1.w'.*NaN/Inf.*`allow_nonfinite=True`"):
         run(family, tmp_path)
     assert not os.path.exists(tmp_path / "out")
     cfg = build_config(base=family["base"], models=[family["ft1"], family["ft2"]], n=3, m=8)
@@ -130,7 +130,7 @@ def test_same_model_twice_or_base_as_model(family):
 
 def test_output_exists_or_inside_input(family, tmp_path):
     (tmp_path / "out").mkdir()
-    with pytest.raises(OutputError, match="already exists.*--overwrite"):
+    with pytest.raises(OutputError, match="already exists.*`overwrite=True`"):
         run(family, tmp_path)
     cfg = build_config(base=family["base"], models=[family["ft1"]], n=3, m=8)
     with pytest.raises(OutputError, match="inside input"):
@@ -171,3 +171,21 @@ def test_damaged_input_stops_merge_before_writing(family, tmp_path):
     with pytest.raises(CheckpointError, match=r"ft2.*'layer.0.w'.*run past the end"):
         run(family, tmp_path)
     assert nothing_written(tmp_path)
+
+
+def test_errors_speak_of_the_callers_keyword(family, tmp_path):
+    """The Python API names its own keyword; the command line shows the flag."""
+    from click.testing import CliRunner
+
+    from cabs_stream.errors import cli_words
+    from cabs_stream_cli.main import main as cli
+
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(OutputError, match="pass `overwrite=True` to replace it"):
+        merge(build_config(base=family["base"], models=[family["ft1"]], n=3, m=8), str(out))
+    res = CliRunner().invoke(cli, ["merge", "--base", family["base"], "--model", family["ft1"], "-o", str(out),
+                                   "--n", "3", "--m", "8"])
+    assert res.exit_code == 2 and "pass --overwrite to replace it" in res.output and "`" not in res.output
+    assert cli_words("lower `memory`, `chunk_size`; `plots=False`; `evaluate`") == \
+        "lower --memory, --chunk-size; --no-plots; --eval"

@@ -65,7 +65,7 @@ def test_merge_equals_reference(family, tmp_path, method):
         assert res.report["density"][0] == pytest.approx(3 / 8, abs=0.05)
 
 
-def test_output_identical_for_any_chunking_workers_and_scheduler(family, tmp_path):
+def test_output_identical_for_any_chunking_workers_and_scheduler(family, tmp_path, small_shards):
     cfg = build_config(base=family["base"], models=[family["ft1"], family["ft2"]], n=3, m=8)
     digests = []
     for i, (chunk, workers, sched) in enumerate([(8, 1, "threads"), (24, 2, "threads"), (1000, 2, "threads"),

@@ -10,7 +10,7 @@ from conftest import shard_bytes
 
 
 @pytest.fixture
-def reference(family, tmp_path):
+def reference(family, tmp_path, small_shards):
     out = str(tmp_path / "ref")
     merge(build_config(base=family["base"], models=[family["ft1"], family["ft2"]], n=3, m=8), out, chunk_size=64,
           shard_size="3KB")

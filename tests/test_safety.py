@@ -149,7 +149,7 @@ def test_unreadable_state_is_discarded_with_a_note(family, tmp_path, reference):
 
 
 @untouched
-def test_rerun_with_another_shard_size_leaves_no_stale_shard(family, tmp_path, reference):
+def test_rerun_with_another_shard_size_leaves_no_stale_shard(family, tmp_path, reference, small_shards):
     out = str(tmp_path / "out")
     interrupted(family, out, 40, shard_size="2KB")
     merge(cfg_of(family), out, chunk_size=16, shard_size="5GB")
@@ -293,9 +293,9 @@ def test_values_out_of_range_or_of_the_wrong_type(family, kw, msg):
 
 @untouched
 def test_engine_limits(family, tmp_path):
-    with pytest.raises(ConfigError, match="--chunk-size must be between"):
+    with pytest.raises(ConfigError, match="`chunk_size` must be between"):
         merge(cfg_of(family), str(tmp_path / "o"), chunk_size=2**40)
-    with pytest.raises(ConfigError, match="--workers must be between"):
+    with pytest.raises(ConfigError, match="`workers` must be between"):
         merge(cfg_of(family), str(tmp_path / "o"), workers=10**6)
     with pytest.raises(ConfigError, match="too large"):
         merge(cfg_of(family), str(tmp_path / "o"), memory="9" * 400 + "GB")
@@ -355,3 +355,15 @@ def test_durable_syncs_every_chunk_before_recording_it(family, tmp_path, referen
     n_chunks = sum(-(-t["numel"] // 16) for t in rep["tensors"].values())
     assert len(synced) >= n_chunks
     assert shard_bytes(str(tmp_path / "out")) == shard_bytes(reference)
+
+
+def test_shard_size_under_1mb_is_an_error(family, tmp_path):
+    """`--shard-size 1B` (pasted from mergekit's --out-shard-size) once meant 1-byte shards."""
+    from cabs_stream import merge_from_store, prune
+
+    with pytest.raises(ConfigError, match=r"`shard_size` '1B' is 1 bytes, under the 1 MB floor.*cabs-stream-yaml"):
+        merge(cfg_of(family), str(tmp_path / "out"), shard_size="1B")
+    prune(cfg_of(family), str(tmp_path / "store.zarr"))
+    with pytest.raises(ConfigError, match="under the 1 MB floor"):
+        merge_from_store(str(tmp_path / "store.zarr"), str(tmp_path / "point"), shard_size=999_999)
+    assert not os.path.exists(tmp_path / "out") and not os.path.exists(tmp_path / "point")

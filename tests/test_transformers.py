@@ -13,7 +13,7 @@ from conftest import load_model
 transformers = pytest.importorskip("transformers")
 
 
-def test_merged_llama_loads_with_transformers(tmp_path):
+def test_merged_llama_loads_with_transformers(tmp_path, small_shards):
     cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=160, num_hidden_layers=2,
                                    num_attention_heads=4, num_key_value_heads=2, vocab_size=300,
                                    max_position_embeddings=64, tie_word_embeddings=False)

@@ -114,7 +114,7 @@ def check_output(out_dir: str, inputs: list[str], overwrite: bool) -> None:
         if not os.path.isdir(out_dir) or os.path.islink(out_dir):
             raise OutputError(f"output {out_dir} exists and is not a folder; choose another name")
         if not overwrite:
-            raise OutputError(f"output folder {out_dir} already exists; pass --overwrite to replace it")
+            raise OutputError(f"output folder {out_dir} already exists; pass `overwrite=True` to replace it")
     parent = os.path.dirname(os.path.abspath(out_dir))
     existing = parent
     while not os.path.lexists(existing):  # missing folders are created (as mergekit does)

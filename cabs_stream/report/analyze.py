@@ -116,13 +116,13 @@ def analyze(cfg: MergeConfig, out_dir: str, methods: list[str], sparsities: list
                 if shown is None:  # the largest 2-D merged tensor
                     two_d = [t for t in plan.tensors if t.merged and len(t.shape) == 2]
                     if not two_d:
-                        raise ConfigError("no merged 2-D tensor to show in the heatmap; name one with --tensor")
+                        raise ConfigError("no merged 2-D tensor to show in the heatmap; name one with `tensor`")
                     shown = max(two_d, key=lambda t: t.numel).name
                 else:
                     names = [t.name for t in plan.tensors if t.merged and len(t.shape) >= 2]
                     if shown not in names:
                         near = difflib.get_close_matches(shown, names, n=5, cutoff=0.4)
-                        raise ConfigError(f"--tensor {shown!r} is not a merged tensor of 2 or more dimensions"
+                        raise ConfigError(f"`tensor` {shown!r} is not a merged tensor of 2 or more dimensions"
                                           + (f"; did you mean {', '.join(near)}?" if near else ""))
                 point = {"method": method, "sparsity": s, "density": rep["density"], "overlap": rep["overlap"],
                          "cv_rows": rep["cv_rows"], "cv_groups": rep["cv_groups"],
@@ -150,7 +150,7 @@ def _pyplot():
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise ConfigError("plots need matplotlib: pip install 'cabs-stream[plots]' (or pass --no-plots)") from None
+        raise ConfigError("plots need matplotlib: pip install 'cabs-stream[plots]' (or pass `plots=False`)") from None
     return plt
 
 

@@ -60,7 +60,7 @@ def merge_chunk(ref: Ref, index: int, pre: Any) -> np.ndarray:
     if bad.any() and not run.allow_nonfinite:
         i = int(np.flatnonzero(bad)[0])
         raise CheckpointError(f"task vector has {int(bad[i])} NaN/Inf values in elements "
-                              f"[{ch.start}, {ch.start + ch.count}); pass --allow-nonfinite to merge anyway",
+                              f"[{ch.start}, {ch.start + ch.count}); pass `allow_nonfinite=True` to merge anyway",
                               model=plan.config.models[i].path, file=t.fts[i].file, tensor=t.name)
     data = memoryview(out).cast("B")
     if run.shards is not None:
