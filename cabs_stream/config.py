@@ -392,9 +392,9 @@ def load_config(path: str, **overrides: Any) -> MergeConfig:
     tok = doc.get("tokenizer_source")
     if tok == "base":  # mergekit's keyword for the base model's tokenizer
         tok = None
-    elif tok == "union" or isinstance(tok, dict):
-        raise ConfigError(f"config {path}: tokenizer_source {_short(tok)} is not supported yet; use base (the "
-                          "default) or the path of a model whose tokenizer to copy")
+    elif isinstance(tok, dict):
+        raise ConfigError(f"config {path}: tokenizer_source {_short(tok)} is not supported; use base (the "
+                          "default), union, or the path of a model")
     kw: dict[str, Any] = dict(method=method, base=base, models=specs,
                               dtype=dtype, tokenizer_source=tok,
                               params=dict(params), exclude=_strings(doc.get("exclude"), "exclude"))

@@ -81,6 +81,9 @@ def run(cfg: MergeConfig, work: str, *, chunk_size: int | None = None, workers: 
     chunk, workers = engine_settings(cfg, chunk_size, workers, parse_size(memory) if memory is not None else None)
     plan = make_plan(cfg, chunk, shard_bytes(shard_size), convert_dir=os.path.join(work, "converted"),
                      whole_rows=from_store.whole_rows if from_store else None, stored=from_store is not None)
+    if store is not None and plan.vocab is not None:
+        raise ConfigError(f"tokenizer_source {cfg.tokenizer_source} aligns vocabulary rows across the models, which a "
+                          "task-vector store does not keep; merge directly (or use the base's vocabulary)")
     method = from_store or cfg.spec
     needs = method.needs(cfg)
     prep = [method.prepare(cfg, t) if t.merged else None for t in plan.tensors]
@@ -230,7 +233,8 @@ def _config(config: MergeConfig | str) -> MergeConfig:
 
 
 def _inputs_of(cfg: MergeConfig) -> list[str]:
-    return [cfg.base, *(s.path for s in cfg.models)] + ([cfg.tokenizer_source] if cfg.tokenizer_source else [])
+    tok = cfg.tokenizer_source
+    return [cfg.base, *(s.path for s in cfg.models)] + ([tok] if tok and tok != "union" else [])
 
 
 def _check_storable(cfg: MergeConfig) -> None:
@@ -246,7 +250,7 @@ def _guarded(cfg: MergeConfig, out_dir: str, overwrite: bool, extra_inputs: list
     inputs = (_inputs_of(cfg) if models_are_inputs else [cfg.base]) + extra_inputs
     output.check_output(out_dir, inputs, overwrite)
     out_dir = os.path.abspath(out_dir)  # one spelling from here on (".." resolved as check_output did)
-    if cfg.tokenizer_source:
+    if cfg.tokenizer_source and cfg.tokenizer_source != "union":
         output.check_tokenizer_source(cfg.tokenizer_source)
     work = output.work_dir(out_dir)
     try:

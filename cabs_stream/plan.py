@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from .codec import COPY_ONLY, FLOAT_CODES, ITEMSIZE, is_mergeable
 from .config import MergeConfig, parse_size
 from .errors import CheckpointError, ConfigError
+from . import vocab
+from .io import hub
 from .io.checkpoint import Checkpoint, open_checkpoint
 from .io.safetensors_format import TensorInfo, build_header
 
@@ -85,6 +87,7 @@ class Plan:
     chunk_size: int
     ignored: list[str]  # fine-tuned tensors the base lacks
     group: int  # chunk boundaries are multiples of this (m); the report's balance groups
+    vocab: vocab.Alignment | None = None  # rows aligned to a new vocabulary (tokenizer_source union / a model)
 
     def tensor_chunks(self) -> dict[int, list[int]]:
         """Chunk indices of every merged tensor, in order."""
@@ -120,10 +123,26 @@ def tensor_chunk_size(chunk_size: int, m: int, shape: tuple[int, ...], whole_row
     return chunk_size
 
 
-def match_tensors(config: MergeConfig, base: Checkpoint, models: list[Checkpoint]) \
+_VOCAB_NAMES = ("embed_tokens", "lm_head", "wte", "word_embeddings", "embed_out", "tok_embeddings", "embed_in")
+
+
+def is_vocab_tensor(name: str, b: TensorInfo, rows: int | None) -> bool:
+    """Whether a base tensor is indexed by token: its first dimension is the vocabulary (the
+    config's vocab_size; without one, an embedding or lm_head by name)."""
+    if len(b.shape) < 2:
+        return False
+    return b.shape[0] == rows if rows else any(part in name for part in _VOCAB_NAMES)
+
+
+def match_tensors(config: MergeConfig, base: Checkpoint, models: list[Checkpoint],
+                  align: vocab.Alignment | None = None) \
         -> tuple[list[tuple[str, TensorInfo, tuple[TensorInfo, ...]]], list[str]]:
-    """Pair every base tensor with the fine-tuned ones; raise on any mismatch."""
+    """Pair every base tensor with the fine-tuned ones; raise on any mismatch. Vocabulary
+    tensors of fine-tunes with more rows than the base are cut to the base's rows (noted), or,
+    with ``align``, every model's rows are aligned to the output vocabulary (vocab.py)."""
     out = []
+    rows = vocab.config_vocab_size(base.root) if base.root else None
+    dropped: dict[str, tuple[int, set[str]]] = {}
     for name, b in base.tensors.items():
         if b.dtype in COPY_ONLY:
             for mdl in models:
@@ -153,11 +172,32 @@ def match_tensors(config: MergeConfig, base: Checkpoint, models: list[Checkpoint
                 raise CheckpointError(f"dtype {f.dtype} does not match the base's {b.dtype} "
                                       "(expected a float dtype: BF16, F16 or F32)",
                                       model=mdl.label, file=f.file, tensor=name)
-            if f.shape != b.shape:
+            grown = (f.shape[1:] == b.shape[1:] and f.shape[0] > b.shape[0] and is_vocab_tensor(name, b, rows))
+            if f.shape != b.shape and not (grown or (align is not None and f.shape[1:] == b.shape[1:]
+                                                     and is_vocab_tensor(name, b, rows))):
                 raise CheckpointError(f"shape {list(f.shape)} does not match the base's {list(b.shape)}",
                                       model=mdl.label, file=f.file, tensor=name)
+            if grown and align is None:  # tokenizer_source base: the base's rows, the extra ones dropped
+                extra = f.shape[0] - b.shape[0]
+                seen = dropped.setdefault(mdl.label, (extra, set()))
+                dropped[mdl.label] = (max(seen[0], extra), seen[1] | {name})
+                f = TensorInfo(f.name, f.dtype, b.shape, f.file, f.start, b.numel * ITEMSIZE[f.dtype])
             fts.append(f)
+        if align is not None and is_vocab_tensor(name, b, rows):
+            parts = (b, *fts)
+            for p, info in enumerate(parts):
+                if int(align.perm[p].max(initial=-1)) >= info.shape[0]:
+                    who = base if p == 0 else models[p - 1]
+                    raise CheckpointError(f"the tokenizer gives ids up to {int(align.perm[p].max())} but the tensor has "
+                                          f"{info.shape[0]} rows", model=who.label, file=info.file, tensor=name)
+            dtype = vocab.promoted([x.dtype for x in parts])
+            b, fts = (vocab.RowsTensor(name, parts, 0, align, dtype),
+                      tuple(vocab.RowsTensor(name, parts, p, align, dtype) for p in range(1, len(parts))))
         out.append((name, b, tuple(fts)))
+    for label, (extra, names) in dropped.items():
+        warnings.warn(f"{label} has {extra} more vocabulary rows than the base ({', '.join(sorted(names))}): "
+                      "they are dropped (tokenizer_source: base); tokenizer_source: union or this model keeps "
+                      "them", stacklevel=2)
     ignored = sorted({n for mdl in models for n in mdl.tensors if n not in base.tensors})
     return out, ignored
 
@@ -203,7 +243,8 @@ def make_plan(config: MergeConfig, chunk_size: int, shard_size: int, convert_dir
     vectors come from a store, so only the base is opened (it stands in for every model)."""
     base = open_checkpoint(config.base, convert_dir)
     models = [base] * len(config.models) if stored else [open_checkpoint(s.path, convert_dir) for s in config.models]
-    matched, ignored = match_tensors(config, base, models)
+    align = alignment(config, base, models) if not stored else None
+    matched, ignored = match_tensors(config, base, models, align)
     m = group_size(config)
     whole_rows = config.spec.needs(config).whole_rows if whole_rows is None else whole_rows
     chunk_size = align_chunk_size(chunk_size, m)
@@ -212,7 +253,8 @@ def make_plan(config: MergeConfig, chunk_size: int, shard_size: int, convert_dir
     groups: list[list[tuple[str, str, tuple[int, ...], TensorInfo, tuple[TensorInfo, ...]]]] = [[]]
     used = 0
     for name, b, fts in matched:
-        dtype = (config.dtype or b.dtype) if fts else b.dtype
+        own = b.parts[0].dtype if isinstance(b, vocab.RowsTensor) else b.dtype  # the base's, not the aligned rows'
+        dtype = (config.dtype or own) if fts else b.dtype
         nbytes = b.numel * ITEMSIZE[dtype]
         if groups[-1] and used + nbytes > shard_size:
             groups.append([])
@@ -235,4 +277,16 @@ def make_plan(config: MergeConfig, chunk_size: int, shard_size: int, convert_dir
     chunks = [Chunk(t, start, min(job.chunk, job.numel - start), start // job.chunk)
               for t, job in enumerate(tensors) if job.merged
               for start in range(0, job.numel, job.chunk)]
-    return Plan(config, base, models, tensors, shards, chunks, chunk_size, ignored, m)
+    return Plan(config, base, models, tensors, shards, chunks, chunk_size, ignored, m, align)
+
+
+def alignment(config: MergeConfig, base: Checkpoint, models: list[Checkpoint]) -> vocab.Alignment | None:
+    """The vocabulary alignment ``tokenizer_source`` asks for (None: the base's vocabulary)."""
+    src = config.tokenizer_source
+    if src is None:
+        return None
+    if not base.root or not all(m.root for m in models):
+        raise ConfigError(f"tokenizer_source {src} needs every model as a folder with its tokenizer")
+    align = vocab.align(base.root, [m.root for m in models], [base.label, *(m.label for m in models)], src,
+                        None if src == "union" else hub.local_path(src))
+    return None if align.identity and align.size == vocab.config_vocab_size(base.root) else align

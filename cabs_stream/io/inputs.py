@@ -12,6 +12,7 @@ import mmap
 import os
 import signal
 import threading
+from typing import Any
 
 import numpy as np
 
@@ -44,6 +45,17 @@ class InputMaps:
     def __init__(self) -> None:
         self._maps: dict[str, tuple[mmap.mmap, int]] = {}
         self._lock = threading.Lock()
+        self._local = threading.local()
+
+    def scratch(self, name: str, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
+        """A per-thread buffer of these maps' owner (the run), reused across chunks."""
+        bufs = self._local.__dict__.setdefault("bufs", {})
+        size = int(np.prod(shape))
+        key = (name, np.dtype(dtype).str)
+        buf = bufs.get(key)
+        if buf is None or buf.size < size:
+            buf = bufs[key] = np.empty(size, dtype)
+        return buf[:size].reshape(shape)
 
     def _map(self, path: str) -> mmap.mmap:
         entry = self._maps.get(path)
@@ -71,9 +83,13 @@ class InputMaps:
                     pass
                 os.close(fd)
             self._maps.clear()
+        self._local = threading.local()
 
-    def words(self, info: TensorInfo, start: int, count: int) -> np.ndarray:
-        """Read-only uint16 view of elements ``[start, start+count)`` (a copy only if misaligned)."""
+    def words(self, info: TensorInfo | Any, start: int, count: int, slot: int = 0) -> np.ndarray:
+        """Read-only uint16 view of elements ``[start, start+count)`` (a copy only if misaligned);
+        a computed tensor (vocabulary rows aligned by token) fills the thread's buffer ``slot``."""
+        if not isinstance(info, TensorInfo):
+            return info.chunk_words(start, count, self.words, self.scratch, slot)
         a, b = byte_range(info, start, count)
         mm = self._map(info.file)
         if a % 2 == 0:
@@ -85,9 +101,13 @@ class InputMaps:
     def read_chunk(self, base: TensorInfo, fts: tuple[TensorInfo, ...], start: int, count: int) \
             -> tuple[np.ndarray, tuple[np.ndarray, ...]]:
         """Raw 16-bit words of elements [start, start + count) of the base and each fine-tuned tensor."""
-        return self.words(base, start, count), tuple(self.words(f, start, count) for f in fts)
+        return self.words(base, start, count), tuple(self.words(f, start, count, i + 1) for i, f in enumerate(fts))
 
-    def _advise(self, info: TensorInfo, start: int, count: int, advice: str) -> None:
+    def _advise(self, info: TensorInfo | Any, start: int, count: int, advice: str) -> None:
+        if not isinstance(info, TensorInfo):  # a computed tensor: the file ranges it reads
+            for part, a, n in info.ranges(start, count):
+                self._advise(part, a, n, advice)
+            return
         a, b = byte_range(info, start, count)
         a -= a % _PAGE
         if advice == "DONTNEED":

@@ -274,17 +274,23 @@ def finish(plan: Plan, model_dir: str, out_dir: str, extra_json: dict[str, objec
     for name in CONFIG_FILES:
         _copy_file(base_root, name, model_dir)
     cfg_path = os.path.join(model_dir, "config.json")
-    if plan.config.dtype and os.path.exists(cfg_path):
+    if (plan.config.dtype or plan.vocab) and os.path.exists(cfg_path):
         with open(cfg_path, encoding="utf-8") as f:
             cfg = json.load(f)
-        cfg["torch_dtype"] = _TORCH_NAMES[plan.config.dtype]
-        if "dtype" in cfg:
-            cfg["dtype"] = cfg["torch_dtype"]
+        if plan.config.dtype:
+            cfg["torch_dtype"] = _TORCH_NAMES[plan.config.dtype]
+            if "dtype" in cfg:
+                cfg["dtype"] = cfg["torch_dtype"]
+        if plan.vocab:  # the output's vocabulary (tokenizer_source union or a model)
+            cfg["vocab_size"] = plan.vocab.size
         _write_json(cfg_path, cfg)
     tok = plan.config.tokenizer_source
-    tok_root = os.path.abspath(hub.local_path(tok)) if tok else base_root
-    for name in TOKENIZER_FILES if copy_tokenizer else ():
-        _copy_file(tok_root, name, model_dir)
+    if copy_tokenizer and plan.vocab is not None and plan.vocab.tokenizer is not None:
+        plan.vocab.tokenizer.save_pretrained(model_dir)  # the union, as mergekit writes it
+    elif copy_tokenizer:
+        tok_root = os.path.abspath(hub.local_path(tok)) if tok and tok != "union" else base_root
+        for name in TOKENIZER_FILES:
+            _copy_file(tok_root, name, model_dir)
     for name, obj in extra_json.items():
         _write_json(os.path.join(model_dir, name), obj)
     move_into_place(model_dir, out_dir, overwrite, before_rename)
