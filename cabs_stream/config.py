@@ -165,7 +165,8 @@ def check_value(p: Param, value: Any, where: str, models: list[str] | None = Non
         return tuple(out)
     if isinstance(value, tuple) and p.kind != "models":  # already checked (a ModelSpec re-used)
         return tuple((f, check_value(p, v, where)) for f, v in value)
-    if isinstance(value, list) and value and p.kind != "models" and all(isinstance(x, (int, float, str)) for x in value):
+    gradient = isinstance(value, list) and bool(value) and all(isinstance(x, (int, float, str)) for x in value)
+    if gradient and p.kind != "models":
         raise ConfigError(f"{where}: {p.name} is a gradient {_short(value)} (values mergekit interpolates over the "
                           "layers); gradients are not supported: give one value, or a filter list of values")
     what = f"{where}: {p.name}"
