@@ -171,6 +171,10 @@ def check_value(p: Param, value: Any, where: str, models: list[str] | None = Non
         return tuple(out)
     if isinstance(value, tuple) and p.kind != "models":  # already checked (a ModelSpec re-used)
         return tuple((f, check_value(p, v, where)) for f, v in value)
+    gradient = isinstance(value, list) and bool(value) and all(isinstance(x, (int, float, str)) for x in value)
+    if gradient and p.kind != "models":
+        raise ConfigError(f"{where}: {p.name} is a gradient {_short(value)} (values mergekit interpolates over the "
+                          "layers); gradients are not supported: give one value, or a filter list of values")
     what = f"{where}: {p.name}"
     if p.kind == "float":
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):

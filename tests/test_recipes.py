@@ -86,6 +86,12 @@ def test_models_with_different_m_are_refused_with_the_reason(family, tmp_path):
     ({"slices": [{"sources": []}], "merge_method": "linear"}, "layer slicing"),
     ({"merge_method": "cabs", "base_model": "x", "models": ["a"], "parameters": {"density": 0.5}},
      "'density' in parameters does not apply to merge_method cabs"),
+    ({"merge_method": "ties", "base_model": "x",
+      "models": [{"model": "a", "parameters": {"density": [1, 0.7, 0.1], "weight": 1.0}}]},
+     r"parameters of a: density is a gradient \[1, 0.7, 0.1\] .* gradients are not supported"),
+    ({"merge_method": "task_arithmetic", "base_model": "x", "models": ["a"],
+      "parameters": {"weight": [{"filter": "mlp", "value": [0, 1]}, {"value": 0.5}]}},
+     "parameters: weight is a gradient"),
 ])
 def test_what_cannot_run_is_named_up_front(tmp_path, doc, msg):
     with pytest.raises(ConfigError, match=msg):

@@ -17,7 +17,7 @@ _ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
 PATTERNS = ["*.safetensors", "model.safetensors.index.json", "config.json", "generation_config.json",
             "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
             "added_tokens.json", "vocab.json", "vocab.txt", "merges.txt", "chat_template.jinja",
-            "chat_template.json", "spiece.model", "adapter_config.json"]
+            "chat_template.json", "additional_chat_templates/*.jinja", "spiece.model", "adapter_config.json"]
 
 
 def is_hub_id(spec: str) -> bool:

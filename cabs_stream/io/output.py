@@ -28,7 +28,9 @@ from .checkpoint import INDEX_NAME
 CONFIG_FILES = ("config.json", "generation_config.json")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "vocab.json", "vocab.txt", "merges.txt", "added_tokens.json", "chat_template.jinja",
-                   "chat_template.json", "spiece.model")
+                   "chat_template.json", "spiece.model",
+                   # transformers saves named chat templates other than the default one there
+                   "additional_chat_templates/*.jinja")
 _TORCH_NAMES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}
 
 
@@ -254,6 +256,18 @@ def check_tokenizer_source(path: str) -> None:
 
 
 def _copy_file(src_dir: str, name: str, dst_dir: str) -> bool:
+    """Copy ``src_dir/name`` into ``dst_dir`` if it is a file; ``folder/*.ext`` copies the
+    folder's files of that extension into ``dst_dir/folder``. True if anything was copied."""
+    folder, _, pattern = name.rpartition("/")
+    if pattern.startswith("*"):
+        src = os.path.join(src_dir, folder)
+        names = sorted(n for n in os.listdir(src) if n.endswith(pattern[1:])) if src_dir and os.path.isdir(src) else []
+        copied = False
+        for n in names:
+            if os.path.isfile(os.path.join(src, n)):
+                os.makedirs(os.path.join(dst_dir, folder), exist_ok=True)
+                copied |= _copy_file(src, n, os.path.join(dst_dir, folder))
+        return copied
     src = os.path.join(src_dir, name)
     if src_dir and os.path.isfile(src):
         shutil.copyfile(src, os.path.join(dst_dir, name))
