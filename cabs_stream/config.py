@@ -43,18 +43,54 @@ MAX_YAML_BYTES = 1 << 20  # a merge recipe is a few hundred bytes
 MAX_YAML_NODES = 100_000  # values after alias expansion (a "billion laughs" file is refused)
 FLOAT32_MAX = 3.4028234663852886e38
 
-#: A parameter value: a scalar, or mergekit's list of {filter, value} conditions (the first
-#: whose filter is absent, "*" or a substring of the tensor name applies), kept as a tuple.
+#: A parameter value: a scalar, a ``Gradient``, or mergekit's list of {filter, value}
+#: conditions (the first whose filter is absent, "*" or a substring of the tensor name
+#: applies), kept as a tuple.
 Value = Any
 
+_LAYER = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)\.")
 
-def resolve(value: Value, tensor: str) -> Any:
-    """The value of a (possibly filtered) parameter for one tensor; None if no condition matches."""
+
+@dataclass(frozen=True)
+class Gradient:
+    """mergekit's gradient: numbers spread evenly over the layers, interpolated linearly in
+    between (``weight: [0, 0.5, 1]``). Layer i of L sits at t = i / (L - 1) (t = 1 when L = 1);
+    tensors outside the layers (embeddings, final norm, lm_head) at t = 0, as in mergekit."""
+
+    values: tuple[float, ...]
+
+    def at(self, t: float) -> float:
+        scaled = t * (len(self.values) - 1)
+        i0 = int(scaled)
+        i1 = min(len(self.values) - 1, i0 + 1)
+        frac = scaled - i0
+        return (1 - frac) * self.values[i0] + frac * self.values[i1]
+
+
+def layer_index(tensor: str) -> int | None:
+    """The layer a tensor belongs to (``model.layers.3.mlp...`` -> 3), or None."""
+    m = _LAYER.search(tensor)
+    return int(m.group(1)) if m else None
+
+
+def layer_position(tensor: str, layers: int) -> float:
+    """t of a tensor for gradients: its layer index / (layers - 1); 0 outside the layers."""
+    i = layer_index(tensor)
+    if i is None or layers <= 0:
+        return 0.0
+    return i / (layers - 1) if layers > 1 else 1.0
+
+
+def resolve(value: Value, tensor: str, layers: int = 0) -> Any:
+    """The value of a (possibly filtered, possibly gradient) parameter for one tensor of a model
+    with ``layers`` layers; None if no condition matches."""
     if isinstance(value, tuple):
         for flt, v in value:
             if flt is None or flt == "*" or flt in tensor:
-                return v
+                return resolve(v, tensor, layers)
         return None
+    if isinstance(value, Gradient):
+        return value.at(layer_position(tensor, layers))
     return value
 
 
@@ -91,6 +127,7 @@ class MergeConfig:
     tokenizer_source: str | None = None
     allow_missing: bool = False
     exclude: tuple[str, ...] = ()  # tensor-name substrings copied from the base
+    layers: int = 0  # layers of the base, where gradients are interpolated (set by the plan)
     base_given: bool = True  # False: no base_model (linear); ``base`` is the first model, for the layout
 
     @property
@@ -99,9 +136,9 @@ class MergeConfig:
 
     def value(self, name: str, tensor: str = "", model: int | None = None, default: Any = None) -> Any:
         """A parameter for one tensor: the model's own, else the global one, else the method's default."""
-        v = resolve(self.models[model].get(name), tensor) if model is not None else None
+        v = resolve(self.models[model].get(name), tensor, self.layers) if model is not None else None
         if v is None:
-            v = resolve(self.params.get(name), tensor)
+            v = resolve(self.params.get(name), tensor, self.layers)
         if v is None:
             p = self.spec.param(name)
             v = p.default if p is not None else None
@@ -131,7 +168,9 @@ class MergeConfig:
     def describe(self) -> dict[str, Any]:
         """JSON-ready description (for the manifest and the fingerprint)."""
         def plain(v: Value) -> Any:
-            return [{"filter": f, "value": x} for f, x in v] if isinstance(v, tuple) else v
+            if isinstance(v, Gradient):
+                return list(v.values)
+            return [{"filter": f, "value": plain(x)} for f, x in v] if isinstance(v, tuple) else v
 
         params = {k: plain(v) for k, v in sorted(self.params.items()) if k != "pruning_order"}
         d: dict[str, Any] = {
@@ -171,10 +210,16 @@ def check_value(p: Param, value: Any, where: str, models: list[str] | None = Non
         return tuple(out)
     if isinstance(value, tuple) and p.kind != "models":  # already checked (a ModelSpec re-used)
         return tuple((f, check_value(p, v, where)) for f, v in value)
-    gradient = isinstance(value, list) and bool(value) and all(isinstance(x, (int, float, str)) for x in value)
-    if gradient and p.kind != "models":
-        raise ConfigError(f"{where}: {p.name} is a gradient {_short(value)} (values mergekit interpolates over the "
-                          "layers); gradients are not supported: give one value, or a filter list of values")
+    if isinstance(value, Gradient):  # already checked (a ModelSpec re-used)
+        return value
+    if isinstance(value, list) and value and all(isinstance(x, (int, float)) and not isinstance(x, bool)
+                                                 for x in value) and p.kind in ("float", "int"):
+        if not p.filterable:
+            raise ConfigError(f"{where}: {p.name} cannot be a gradient (one value for the whole model)")
+        return Gradient(tuple(float(check_value(p, x, where)) for x in value))
+    if isinstance(value, list) and p.kind != "models":
+        raise ConfigError(f"{where}: {p.name} is a list {_short(value)}; give one value, a gradient of numbers "
+                          "(interpolated over the layers) or a filter list of {filter, value}")
     what = f"{where}: {p.name}"
     if p.kind == "float":
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
@@ -326,7 +371,7 @@ def build_config(*, method: str = "cabs", base: str | None, models: list[str] | 
     except ValueError as e:
         raise ConfigError(str(e)) from None
     return MergeConfig(spec.name, str(base), tuple(checked), shared, out_dtype, tokenizer_source,
-                       allow_missing, tuple(exclude or ()), base_given)
+                       allow_missing, tuple(exclude or ()), base_given=base_given)
 
 
 def load_config(path: str, **overrides: Any) -> MergeConfig:

@@ -81,6 +81,7 @@ def run(cfg: MergeConfig, work: str, *, chunk_size: int | None = None, workers: 
     chunk, workers = engine_settings(cfg, chunk_size, workers, parse_size(memory) if memory is not None else None)
     plan = make_plan(cfg, chunk, shard_bytes(shard_size), convert_dir=os.path.join(work, "converted"),
                      whole_rows=from_store.whole_rows if from_store else None, stored=from_store is not None)
+    cfg = plan.config  # with the base's layer count (gradients)
     if store is not None and plan.vocab is not None:
         raise ConfigError(f"tokenizer_source {cfg.tokenizer_source} aligns vocabulary rows across the models, which a "
                           "task-vector store does not keep; merge directly (or use the base's vocabulary)")

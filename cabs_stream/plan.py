@@ -7,13 +7,14 @@ lcm(m, 8), and falls on whole rows when a row fits (or always, when the method n
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import warnings
 from dataclasses import dataclass
 
 from .codec import COPY_ONLY, FLOAT_CODES, ITEMSIZE, is_mergeable
-from .config import MergeConfig, parse_size
+from .config import MergeConfig, layer_index, parse_size
 from .errors import CheckpointError, ConfigError
 from . import vocab
 from .io import hub
@@ -242,6 +243,7 @@ def make_plan(config: MergeConfig, chunk_size: int, shard_size: int, convert_dir
     PyTorch .bin inputs are converted to safetensors in ``convert_dir``. ``stored``: the task
     vectors come from a store, so only the base is opened (it stands in for every model)."""
     base = open_checkpoint(config.base, convert_dir)
+    config = dataclasses.replace(config, layers=count_layers(base))  # where gradients are interpolated
     models = [base] * len(config.models) if stored else [open_checkpoint(s.path, convert_dir) for s in config.models]
     align = alignment(config, base, models) if not stored else None
     matched, ignored = match_tensors(config, base, models, align)
@@ -278,6 +280,17 @@ def make_plan(config: MergeConfig, chunk_size: int, shard_size: int, convert_dir
               for t, job in enumerate(tensors) if job.merged
               for start in range(0, job.numel, job.chunk)]
     return Plan(config, base, models, tensors, shards, chunks, chunk_size, ignored, m, align)
+
+
+def count_layers(base: Checkpoint) -> int:
+    """The base's layer count (config.json ``num_hidden_layers``, else the highest layer index
+    in its tensor names + 1; 0 without layers): gradients spread over these."""
+    for key in ("num_hidden_layers", "n_layer", "num_layers"):
+        v = vocab.config_value(base.root, key) if base.root else None
+        if isinstance(v, int) and v > 0:
+            return v
+    found = [layer_index(n) for n in base.tensors]
+    return max((i for i in found if i is not None), default=-1) + 1
 
 
 def alignment(config: MergeConfig, base: Checkpoint, models: list[Checkpoint]) -> vocab.Alignment | None:

@@ -52,14 +52,20 @@ def load_tokenizer(folder: str, label: str) -> Any:
         raise ConfigError(f"cannot read the tokenizer of {label} ({folder}): {str(e).splitlines()[0][:200]}") from None
 
 
-def config_vocab_size(folder: str) -> int | None:
-    """``vocab_size`` of a model's config.json (None when absent)."""
+def config_value(folder: str, key: str) -> Any:
+    """A top-level value of a model's config.json (None when absent or unreadable)."""
     try:
         with open(os.path.join(folder, "config.json"), encoding="utf-8") as f:
-            v = json.load(f).get("vocab_size")
-    except (OSError, ValueError, AttributeError):
+            doc = json.load(f)
+    except (OSError, ValueError):
         return None
-    return v if isinstance(v, int) and v > 0 else None
+    return doc.get(key) if isinstance(doc, dict) else None
+
+
+def config_vocab_size(folder: str) -> int | None:
+    """``vocab_size`` of a model's config.json (None when absent)."""
+    v = config_value(folder, "vocab_size")
+    return v if isinstance(v, int) and not isinstance(v, bool) and v > 0 else None
 
 
 def union_tokenizer(base: Any, others: list[tuple[Any, int]]) -> Any:

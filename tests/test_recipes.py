@@ -86,12 +86,10 @@ def test_models_with_different_m_are_refused_with_the_reason(family, tmp_path):
     ({"slices": [{"sources": []}], "merge_method": "linear"}, "layer slicing"),
     ({"merge_method": "cabs", "base_model": "x", "models": ["a"], "parameters": {"density": 0.5}},
      "'density' in parameters does not apply to merge_method cabs"),
-    ({"merge_method": "ties", "base_model": "x",
-      "models": [{"model": "a", "parameters": {"density": [1, 0.7, 0.1], "weight": 1.0}}]},
-     r"parameters of a: density is a gradient \[1, 0.7, 0.1\] .* gradients are not supported"),
-    ({"merge_method": "task_arithmetic", "base_model": "x", "models": ["a"],
-      "parameters": {"weight": [{"filter": "mlp", "value": [0, 1]}, {"value": 0.5}]}},
-     "parameters: weight is a gradient"),
+    ({"merge_method": "cabs", "base_model": "x", "models": [{"model": "a", "parameters": {"n": [1, 2]}}]},
+     "parameters of a: n cannot be a gradient"),
+    ({"merge_method": "ties", "base_model": "x", "models": [{"model": "a", "parameters": {"weight": [1, "x"]}}]},
+     "parameters of a: weight is a list"),
 ])
 def test_what_cannot_run_is_named_up_front(tmp_path, doc, msg):
     with pytest.raises(ConfigError, match=msg):
@@ -148,3 +146,37 @@ def test_linear_without_a_base(family, tmp_path):
     assert shard_bytes(again.out_dir) == shard_bytes(out.out_dir)
     with pytest.raises(ConfigError, match="merge_method ties needs a base_model .* only linear can run without"):
         load_config(write(tmp_path, {**doc, "merge_method": "ties"}))
+
+
+def test_gradients_are_interpolated_over_the_layers(family, tmp_path):
+    """mergekit's gradient lists: layer i of L at t = i / (L - 1), tensors outside the layers at
+    t = 0, piecewise linear between the listed values; also inside a filter list."""
+    from cabs_stream.config import Gradient
+    from cabs_stream.plan import make_plan
+
+    doc = {"merge_method": "ties", "base_model": family["base"],
+           "models": [{"model": family["ft1"], "parameters": {"weight": [0, 0.3, 1], "density": 0.5}},
+                      {"model": family["ft2"], "parameters": {
+                          "weight": [{"filter": "norm", "value": [2, 4]}, {"value": 1}], "density": [1, 0.5]}}]}
+    cfg = load_config(write(tmp_path, doc))
+    assert cfg.models[0].get("weight") == Gradient((0.0, 0.3, 1.0))
+    plan = make_plan(cfg, 64, 1 << 30)
+    c = plan.config
+    assert c.layers == 2  # layer.0 and layer.1 (no num_hidden_layers in this config.json)
+    assert [c.value("weight", n, 0) for n in ("embed.weight", "layer.0.w", "layer.1.w")] == [0.0, 0.0, 1.0]
+    assert c.value("weight", "layer.1.norm", 1) == 4.0 and c.value("weight", "layer.0.norm", 1) == 2.0
+    assert c.value("weight", "layer.1.w", 1) == 1 and c.value("density", "layer.1.w", 1) == 0.5
+    assert c.value("density", "head.weight", 1) == 1.0
+    # the same merge spelled with filter lists of the interpolated values is bit-identical
+    spelled = {**doc, "models": [
+        {"model": family["ft1"], "parameters": {"weight": [{"filter": "layer.1.", "value": 1.0}, {"value": 0.0}],
+                                               "density": 0.5}},
+        {"model": family["ft2"], "parameters": {
+            "weight": [{"filter": "layer.0.norm", "value": 2.0}, {"filter": "layer.1.norm", "value": 4.0},
+                       {"filter": "norm", "value": 2.0}, {"value": 1}],
+            "density": [{"filter": "layer.1.", "value": 0.5}, {"value": 1.0}]}}]}
+    a = merge(cfg, str(tmp_path / "a"))
+    b = merge(load_config(write(tmp_path, spelled)), str(tmp_path / "b"))
+    assert shard_bytes(a.out_dir) == shard_bytes(b.out_dir)
+    recipe = yaml.safe_load(open(os.path.join(a.out_dir, "README.md")).read().split("```yaml\n")[1].split("```")[0])
+    assert recipe["models"][0]["parameters"]["weight"] == [0.0, 0.3, 1.0]  # the card keeps the gradient
