@@ -76,10 +76,13 @@ def main() -> None:
         pass
     per_param = store_bytes / (numel * len(fts)) if numel else None
     lines = [f"# store bench: {a.family}, cap {bl.size_label(a.cap)}, CABS {a.n}:{a.m}, k={len(fts)}", "",
-             "| run | wall (median) | runs | anon peak (max) | max RSS (max) |", "|---|---|---|---|---|"]
+             "| run | wall (median) | runs | CPU user+sys (median) | other CPU meanwhile (max) | anon peak (max) "
+             "| max RSS (max) |", "|---|---|---|---|---|---|---|"]
     for k, v in rows.items():
-        lines.append(f"| {k} | {med[k]:.1f} s | {', '.join(f'{x.wall:.1f}' for x in v)} | "
-                     f"{max(x.peak_anon for x in v) / 2**20:.0f} MiB | {max(x.max_rss for x in v) / 2**20:.0f} MiB |")
+        cpu = statistics.median(x.cpu_user + x.cpu_sys for x in v)
+        lines.append(f"| {k} | {med[k]:.1f} s | {', '.join(f'{x.wall:.1f}' for x in v)} | {cpu:.1f} s | "
+                     f"{max(x.other_cpu for x in v):.1f} s | {max(x.peak_anon for x in v) / 2**20:.0f} MiB | "
+                     f"{max(x.max_rss for x in v) / 2**20:.0f} MiB |")
     lines += ["", f"- prune (once): {prune.wall:.1f} s, anon peak {prune.peak_anon / 2**20:.0f} MiB",
               f"- one point from the store / full merge: **{med['point'] / med['merge']:.2f}x** "
               f"(point {med['point']:.1f} s, merge {med['merge']:.1f} s, floor {med['floor']:.1f} s)",
@@ -95,6 +98,8 @@ def main() -> None:
         json.dump({"family": a.family, "cap": a.cap, "n": a.n, "m": a.m, "prune_wall": prune.wall,
                    "store_bytes": store_bytes, "bytes_per_param_per_model": per_param, "median": med,
                    "walls": {k: [x.wall for x in v] for k, v in rows.items()},
+                   "cpu": {k: [x.cpu_user + x.cpu_sys for x in v] for k, v in rows.items()},
+                   "other_cpu": {k: [x.other_cpu for x in v] for k, v in rows.items()},
                    "anon_peak": {k: [x.peak_anon for x in v] for k, v in rows.items()},
                    "machine": bl.machine_info(), "params_metadata": params}, f, indent=2)
     for out in (merged, point, store):
