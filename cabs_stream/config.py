@@ -312,6 +312,8 @@ def build_config(*, method: str = "cabs", base: str | None, models: list[str] | 
     for what, v in (("dtype", dtype), ("tokenizer_source", tokenizer_source)):
         if v is not None and not isinstance(v, (str, os.PathLike)):
             raise ConfigError(f"{what} must be a string, got {_short(v)}")
+    if tokenizer_source == "base":  # mergekit's keyword for the default: the base's vocabulary
+        tokenizer_source = None
     specs = [s if isinstance(s, ModelSpec) else ModelSpec(str(s)) for s in models]
     if not specs:
         raise ConfigError("at least one fine-tuned model is required")

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -117,7 +118,14 @@ def align(base_dir: str, model_dirs: list[str], labels: list[str], source: str,
           source_dir: str | None) -> Alignment:
     """The alignment for ``tokenizer_source`` ``source`` ('union' or a model, in ``source_dir``)."""
     dirs = [base_dir, *model_dirs]
-    toks = [load_tokenizer(d, lbl) for d, lbl in zip(dirs, labels)]
+    toks = [load_tokenizer(base_dir, labels[0])]
+    for d, lbl in zip(model_dirs, labels[1:]):
+        if any(os.path.isfile(os.path.join(d, f)) for f in ("tokenizer.json", "tokenizer_config.json",
+                                                           "tokenizer.model", "vocab.json")):
+            toks.append(load_tokenizer(d, lbl))
+        else:  # as mergekit: a model without a tokenizer is taken to have the base's
+            warnings.warn(f"{lbl} has no tokenizer; its vocabulary is taken to be the base's", stacklevel=2)
+            toks.append(toks[0])
     sizes = [config_vocab_size(d) or len(t.get_vocab()) for d, t in zip(dirs, toks)]
     if source == "union":
         base_tok = _stripped(toks[0], sizes[0], labels[0])

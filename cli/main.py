@@ -149,7 +149,7 @@ def _collect(values: dict) -> tuple[dict, dict[str, list]]:
               help="Lambda of each --model's task vector, in the same order (default 1.0).")
 @method_options
 @click.option("--dtype", default=None, help="Output dtype: bfloat16, float16 or float32 (default: the base's).")
-@click.option("--tokenizer-source", default=None, help="Folder to copy tokenizer files from (default: the base).")
+@click.option("--tokenizer-source", default=None, help="The output's vocabulary and tokenizer: base (default), union, or a model folder (rows of embeddings and lm_head aligned by token as mergekit does).")
 @click.option("--exclude", multiple=True, metavar="PATTERN",
               help="Keep tensors whose name contains PATTERN from the base (repeat), e.g. embed_tokens.")
 @click.option("--allow-missing", is_flag=True,
