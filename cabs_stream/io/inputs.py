@@ -13,11 +13,14 @@ import os
 import signal
 import threading
 
+from typing import Any
+
 import numpy as np
 
 from ..codec import ITEMSIZE
 from ..errors import CheckpointError
 from . import platform
+from .lora import Derived
 from .platform import fcntl
 from .safetensors_format import TensorInfo
 
@@ -31,6 +34,26 @@ def byte_range(info: TensorInfo, start: int, count: int) -> tuple[int, int]:
     return info.start + start * size, info.start + (start + count) * size
 
 
+def thread_buffer(local: threading.local, name: str, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
+    """A per-thread buffer kept on ``local``, reused across chunks (grown when needed)."""
+    key = (name, np.dtype(dtype).str)
+    bufs = getattr(local, "bufs", None)
+    if bufs is None:
+        bufs = local.bufs = {}
+    size = int(np.prod(shape))
+    buf = bufs.get(key)
+    if buf is None or buf.size < size:
+        buf = bufs[key] = np.empty(size, dtype)
+    return buf[:size].reshape(shape)
+
+
+def _ranges(infos: tuple[TensorInfo | Derived, ...], start: int, count: int) -> list[tuple[TensorInfo, int, int]]:
+    """The file ranges a chunk of these tensors reads, once each (a LoRA target's, its factors too)."""
+    out = [r for info in infos for r in ([(info, start, count)] if isinstance(info, TensorInfo)
+                                          else info.ranges(start, count))]
+    return list(dict.fromkeys(out))
+
+
 def changed(path: str) -> CheckpointError:
     return CheckpointError("the file changed during the merge (truncated or rewritten by another process); "
                            "nothing was written under the output name: rerun once it is complete", file=path)
@@ -39,11 +62,13 @@ def changed(path: str) -> CheckpointError:
 class InputMaps:
     """One read-only map per input file, opened on first use, all closed by ``close``. Before a
     chunk is read, its file is checked to still hold the mapped bytes (a file truncated under
-    a map would kill the process with SIGBUS on the next access)."""
+    a map would kill the process with SIGBUS on the next access). The words of a LoRA target
+    are computed into per-thread buffers of the run (``lora.LoraTensor.chunk_words``)."""
 
     def __init__(self) -> None:
         self._maps: dict[str, tuple[mmap.mmap, int]] = {}
         self._lock = threading.Lock()
+        self._local = threading.local()  # per-thread buffers (LoRA words)
 
     def _map(self, path: str) -> mmap.mmap:
         entry = self._maps.get(path)
@@ -71,9 +96,16 @@ class InputMaps:
                     pass
                 os.close(fd)
             self._maps.clear()
+        self._local = threading.local()
 
-    def words(self, info: TensorInfo, start: int, count: int) -> np.ndarray:
-        """Read-only uint16 view of elements ``[start, start+count)`` (a copy only if misaligned)."""
+    def scratch(self, name: str, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
+        return thread_buffer(self._local, name, shape, dtype)
+
+    def words(self, info: TensorInfo | Derived, start: int, count: int, slot: int = 0) -> np.ndarray:
+        """Read-only uint16 view of elements ``[start, start+count)`` (a copy only if misaligned);
+        for a tensor of a LoRA model (``lora.Derived``), its words in the thread's buffer ``slot``."""
+        if not isinstance(info, TensorInfo):
+            return info.chunk_words(start, count, self.words, self.scratch, slot)
         a, b = byte_range(info, start, count)
         mm = self._map(info.file)
         if a % 2 == 0:
@@ -82,10 +114,11 @@ class InputMaps:
         arr.flags.writeable = False
         return arr
 
-    def read_chunk(self, base: TensorInfo, fts: tuple[TensorInfo, ...], start: int, count: int) \
+    def read_chunk(self, base: TensorInfo, fts: tuple[TensorInfo | Derived, ...], start: int, count: int) \
             -> tuple[np.ndarray, tuple[np.ndarray, ...]]:
-        """Raw 16-bit words of elements [start, start + count) of the base and each fine-tuned tensor."""
-        return self.words(base, start, count), tuple(self.words(f, start, count) for f in fts)
+        """Raw 16-bit words of elements [start, start + count) of the base and each fine-tuned
+        tensor: the one place the methods and the prepass readers read model words through."""
+        return self.words(base, start, count), tuple(self.words(f, start, count, i) for i, f in enumerate(fts))
 
     def _advise(self, info: TensorInfo, start: int, count: int, advice: str) -> None:
         a, b = byte_range(info, start, count)
@@ -98,15 +131,15 @@ class InputMaps:
         if b > a:
             platform.advise(mm, advice, a, b - a)
 
-    def prefetch(self, infos: tuple[TensorInfo, ...], start: int, count: int) -> None:
+    def prefetch(self, infos: tuple[TensorInfo | Derived, ...], start: int, count: int) -> None:
         """Ask the kernel to start reading a chunk's pages now (asynchronous readahead)."""
-        for info in dict.fromkeys(infos):  # once each (a merge from a store lists the base k + 1 times)
-            self._advise(info, start, count, "WILLNEED")
+        for info, a, n in _ranges(infos, start, count):  # once each (a merge from a store lists the base k + 1 times)
+            self._advise(info, a, n, "WILLNEED")
 
-    def release(self, infos: tuple[TensorInfo, ...], start: int, count: int) -> None:
+    def release(self, infos: tuple[TensorInfo | Derived, ...], start: int, count: int) -> None:
         """Drop the mapped pages of a chunk from this process (the page cache keeps them)."""
-        for info in dict.fromkeys(infos):
-            self._advise(info, start, count, "DONTNEED")
+        for info, a, n in _ranges(infos, start, count):
+            self._advise(info, a, n, "DONTNEED")
 
 
 class LeaseGuard:
