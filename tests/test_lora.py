@@ -16,9 +16,11 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from cabs_stream import build_config, merge
-from cabs_stream.errors import CheckpointError, ConfigError
+from cabs_stream import build_config, merge, merge_from_store, prune
+from cabs_stream.errors import CheckpointError, ConfigError, OutputError
 from cabs_stream.io import lora
+from cabs_stream.methods import registry
+from cabs_stream.pipeline import _fingerprint
 from cabs_stream.plan import engine_settings, make_plan
 from conftest import load_model, shard_bytes
 
@@ -158,11 +160,41 @@ def test_plus_syntax_in_yaml(fam, tmp_path):
 
 
 def test_chunking_does_not_change_the_bytes(fam, tmp_path):
-    """Chunks far smaller than a row (partial rows of the factors) against the default."""
+    """Chunks far smaller than a row (partial rows of the factors), the default, and worker processes."""
     models = [fam["a1"], fam["a2"]]
     small = merged(fam, models, tmp_path / "small", "cabs", [1.0, 0.5], chunk_size=8, workers=3)
     default = merged(fam, models, tmp_path / "default", "cabs", [1.0, 0.5])
-    assert small == default
+    procs = merged(fam, models, tmp_path / "procs", "cabs", [1.0, 0.5], chunk_size=40, workers=2,
+                   scheduler="processes")
+    assert small == default == procs
+
+
+OTHER = {"density": 0.5, "epsilon": 0.1, "gamma": 0.1, "random_seed": 3, "select_topk": 0.5, "n": 2, "m": 8}
+
+
+def test_every_other_method_reads_adapters_like_dense_models(fam, tmp_path):
+    """Each method's chunk function and tensor passes (thresholds, statistics) see the same words."""
+    if fam["dtype"] != "BF16":
+        pytest.skip("one dtype is enough here")
+    for method in sorted(set(registry.names()) - set(METHODS)):
+        spec = registry.get(method)
+        params = {k: v for k, v in OTHER.items() if spec.param(k)}
+        weights = [0.75, 1.25] if spec.param("weight") else None
+        outs = []
+        for tag, models in (("a", [fam["a1"], fam["a2"]]), ("d", [fam["a1_dense"], fam["a2_dense"]])):
+            cfg = build_config(method=method, base=fam["base"], models=models, weights=weights, params=params)
+            merge(cfg, str(tmp_path / f"{method}-{tag}"), chunk_size=256)
+            outs.append(shard_bytes(str(tmp_path / f"{method}-{tag}")))
+        assert outs[0] == outs[1], method
+
+
+def test_store_of_adapters(fam, tmp_path):
+    """prune writes the adapters' task vectors; a merge from the store equals the merge."""
+    cfg = build_config(method="cabs", base=fam["base"], models=[fam["a1"], fam["a2"]], n=2, m=8)
+    prune(cfg, str(tmp_path / "store"), chunk_size=64)
+    merge_from_store(str(tmp_path / "store"), str(tmp_path / "from_store"), [0.5, 1.5])
+    direct = merged(fam, [fam["a1_dense"], fam["a2_dense"]], tmp_path / "direct", "cabs", [0.5, 1.5])
+    assert shard_bytes(str(tmp_path / "from_store")) == direct
 
 
 def test_memory_model_counts_lora_scratch(fam):
@@ -175,10 +207,43 @@ def test_memory_model_counts_lora_scratch(fam):
     assert chunk_lora < chunk_dense
 
 
-def test_identity_covers_adapter_files(fam):
+def test_identity_covers_adapter_files(fam, tmp_path):
+    """A rewritten adapter (same bytes, new file) is another input: no resume against it."""
     plan = make_plan(build_config(base=fam["base"], models=[fam["a2"]], n=2, m=8), 1 << 20, 1 << 30)
     files = plan.models[0].files
     assert os.path.join(fam["a2"], lora.WEIGHTS_NAME) in files and os.path.join(fam["a2"], lora.CONFIG_NAME) in files
+    before = _fingerprint(plan)
+    config = os.path.join(fam["a2"], lora.CONFIG_NAME)
+    text = open(config).read()
+    os.replace(config, str(tmp_path / "moved"))
+    open(config, "w").write(text)
+    assert _fingerprint(make_plan(plan.config, 1 << 20, 1 << 30)) != before
+
+
+def test_fan_in_fan_out_gpt2(tmp_path):
+    """GPT-2's Conv1D weights are (in, out): PEFT merges (B @ A).T, square or not."""
+    cfg = transformers.GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=64, n_positions=16)
+    model = transformers.GPT2LMHeadModel(cfg)
+    gen = torch.Generator().manual_seed(0)
+    for p in model.parameters():
+        dyadic_(p, gen, 256, 16.0)
+    model.to(torch.bfloat16).save_pretrained(tmp_path / "base")
+    load = lambda: transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "base", dtype=torch.bfloat16)  # noqa: E731
+    lcfg = peft.LoraConfig(r=4, lora_alpha=16, target_modules=["c_attn", "c_proj", "c_fc"], fan_in_fan_out=True)
+    pm = peft.get_peft_model(load(), lcfg)
+    for name, p in pm.named_parameters():
+        if "lora_" in name:
+            dyadic_(p, gen, 16 if "_A" in name else 64)
+    pm.save_pretrained(tmp_path / "adapter")
+    peft.PeftModel.from_pretrained(load(), str(tmp_path / "adapter")).merge_and_unload().save_pretrained(
+        tmp_path / "dense")
+    merge(build_config(method="task_arithmetic", base=str(tmp_path / "base"), models=[str(tmp_path / "adapter")]),
+          str(tmp_path / "out"))
+    got, ref = load_model(str(tmp_path / "out")), load_model(str(tmp_path / "dense"))
+    assert set(got) == set(ref)
+    assert any(lora_t.shape[0] == lora_t.shape[1] for n, lora_t in ref.items() if "attn.c_proj.weight" in n)
+    for n in ref:
+        assert torch.equal(got[n], ref[n]), n
 
 
 # ------------------------------------------------------------------ errors
@@ -254,6 +319,5 @@ def test_adapter_as_base_and_bad_plus_syntax(small, tmp_path):
 def test_output_inside_an_adapter_is_refused(small):
     path = copy_adapter(small, "outside", r=2, target_modules=["q_proj"])
     cfg = build_config(base=str(small / "base"), models=[f"{small / 'base'}+{path}"], n=2, m=8)
-    from cabs_stream.errors import OutputError
     with pytest.raises(OutputError, match="inside input"):
         merge(cfg, os.path.join(path, "merged"))
