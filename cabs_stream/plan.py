@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from .codec import COPY_ONLY, FLOAT_CODES, ITEMSIZE, is_mergeable
 from .config import MergeConfig
 from .errors import CheckpointError, ConfigError
-from .io import lora
+from .io import adapter
 from .io.checkpoint import Checkpoint, open_checkpoint
 from .io.lora import Derived
 from .io.safetensors_format import TensorInfo, build_header
@@ -167,7 +167,7 @@ def engine_settings(config: MergeConfig, chunk_size: int | None, workers: int | 
     A chunk in flight holds its input pages (<= 4 bytes per element per model, base
     included), its output words (<= 4 bytes), k mask bits per element, the method's
     scratch (``Needs.scratch_bytes``) and, for LoRA models, their merged words and factor
-    rows per element and a factor per chunk (``lora.memory_needs``); two chunks per worker
+    rows per element and a factor per chunk (``adapter.memory_needs``); two chunks per worker
     may be resident at once.
     """
     # Chunks wait on page faults as much as on the CPU: two per core keep the disk busy.
@@ -181,7 +181,7 @@ def engine_settings(config: MergeConfig, chunk_size: int | None, workers: int | 
     if memory is None:
         return DEFAULT_CHUNK, workers
     k = len(config.models)
-    lora_element, lora_chunk = lora.memory_needs(s.path for s in config.models)
+    lora_element, lora_chunk = adapter.memory_needs(s.path for s in config.models)
     per_element = 4 * (k + 1) + 4 + k / 8 + config.spec.needs(config).scratch_bytes + lora_element
     room = memory - RUNTIME_RESERVE - 2 * workers * lora_chunk
     if room < 64 * 1024 * per_element:
@@ -196,12 +196,12 @@ def make_plan(config: MergeConfig, chunk_size: int, shard_size: int, convert_dir
     """Open and validate every input, then lay out the chunk grid and the output shards.
     PyTorch .bin inputs are converted to safetensors in ``convert_dir``. ``stored``: the task
     vectors come from a store, so only the base is opened (it stands in for every model)."""
-    if lora.split_spec(config.base) is not None:
+    if adapter.split_spec(config.base) is not None:
         raise ConfigError(f"base_model {config.base} is a LoRA adapter: give the checkpoint it applies to as the "
                           "base, and the adapter (or checkpoint+adapter) as a model")
     base = open_checkpoint(config.base, convert_dir)
     models = [base] * len(config.models) if stored else [
-        lora.open_model(s.path, config.base, base, lambda p: open_checkpoint(p, convert_dir)) for s in config.models]
+        adapter.open_model(s.path, config.base, base, lambda p: open_checkpoint(p, convert_dir)) for s in config.models]
     matched, ignored = match_tensors(config, base, models)
     m = group_size(config)
     whole_rows = config.spec.needs(config).whole_rows if whole_rows is None else whole_rows

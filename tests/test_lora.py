@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 
 from cabs_stream import build_config, merge, merge_from_store, prune
 from cabs_stream.errors import CheckpointError, ConfigError, OutputError
-from cabs_stream.io import lora
+from cabs_stream.io import adapter, lora
 from cabs_stream.methods import registry
 from cabs_stream.pipeline import _fingerprint
 from cabs_stream.plan import engine_settings, make_plan
@@ -63,7 +63,7 @@ def make_adapter(base, path, dtype: str, seed: int, other_dtype: bool = False, *
             dyadic_(p, gen, 256, 16.0)
     model.save_pretrained(path)
     if other_dtype:
-        f = os.path.join(path, lora.WEIGHTS_NAME)
+        f = os.path.join(path, adapter.WEIGHTS_NAME)
         to = TORCH["F32" if dtype == "BF16" else "BF16"]
         save_file({k: v.to(to) if "lora_" in k else (v.to(to) + 2.0 ** -12 * (torch.arange(v.numel()) % 3 - 1)
                                                       .reshape(v.shape).to(to))
@@ -202,7 +202,7 @@ def test_memory_model_counts_lora_scratch(fam):
     adapters = build_config(base=fam["base"], models=[fam["a1"], fam["a2"]], n=2, m=8)
     chunk_dense, _ = engine_settings(dense, None, 2, 300 << 20)
     chunk_lora, _ = engine_settings(adapters, None, 2, 300 << 20)
-    per_element, per_chunk = lora.memory_needs([fam["a1"], fam["a2"]])
+    per_element, per_chunk = adapter.memory_needs([fam["a1"], fam["a2"]])
     assert per_element >= 8 and per_chunk >= 8 * 8 * 64  # two models' words; a2's widest right factor
     assert chunk_lora < chunk_dense
 
@@ -211,9 +211,9 @@ def test_identity_covers_adapter_files(fam, tmp_path):
     """A rewritten adapter (same bytes, new file) is another input: no resume against it."""
     plan = make_plan(build_config(base=fam["base"], models=[fam["a2"]], n=2, m=8), 1 << 20, 1 << 30)
     files = plan.models[0].files
-    assert os.path.join(fam["a2"], lora.WEIGHTS_NAME) in files and os.path.join(fam["a2"], lora.CONFIG_NAME) in files
+    assert os.path.join(fam["a2"], adapter.WEIGHTS_NAME) in files and os.path.join(fam["a2"], adapter.CONFIG_NAME) in files
     before = _fingerprint(plan)
-    config = os.path.join(fam["a2"], lora.CONFIG_NAME)
+    config = os.path.join(fam["a2"], adapter.CONFIG_NAME)
     text = open(config).read()
     os.replace(config, str(tmp_path / "moved"))
     open(config, "w").write(text)
@@ -266,12 +266,12 @@ def test_dora_is_refused(small):
     path = copy_adapter(small, "dora", r=2, target_modules=["q_proj"], use_dora=True)
     with pytest.raises(CheckpointError, match="use_dora") as e:
         plan_of(small, path)
-    assert os.path.join(path, lora.CONFIG_NAME) in str(e.value)
+    assert os.path.join(path, adapter.CONFIG_NAME) in str(e.value)
 
 
 def test_target_the_base_lacks(small):
     path = copy_adapter(small, "renamed", r=2, target_modules=["q_proj"])
-    f = os.path.join(path, lora.WEIGHTS_NAME)
+    f = os.path.join(path, adapter.WEIGHTS_NAME)
     save_file({k.replace("layers.1.self_attn.q_proj", "layers.1.self_attn.qq_proj"): v
                for k, v in load_file(f).items()}, f)
     with pytest.raises(CheckpointError, match=r"model.layers.1.self_attn.qq_proj.weight is not in") as e:
@@ -281,7 +281,7 @@ def test_target_the_base_lacks(small):
 
 def test_factor_shapes_that_do_not_fit(small):
     path = copy_adapter(small, "wide", r=2, target_modules=["v_proj"])
-    f = os.path.join(path, lora.WEIGHTS_NAME)
+    f = os.path.join(path, adapter.WEIGHTS_NAME)
     key = "base_model.model.model.layers.0.self_attn.v_proj.lora_A.weight"
     save_file({k: (torch.zeros(2, 40) if k == key else v) for k, v in load_file(f).items()}, f)
     with pytest.raises(CheckpointError, match=r"do not fit model.layers.0.self_attn.v_proj.weight \[32, 32\]") as e:
@@ -291,7 +291,7 @@ def test_factor_shapes_that_do_not_fit(small):
 
 def test_rank_that_does_not_match_the_config(small):
     path = copy_adapter(small, "rank", r=2, target_modules=["v_proj"])
-    cfg = os.path.join(path, lora.CONFIG_NAME)
+    cfg = os.path.join(path, adapter.CONFIG_NAME)
     doc = json.load(open(cfg))
     json.dump(dict(doc, r=4), open(cfg, "w"))
     with pytest.raises(CheckpointError, match="rank 4"):
@@ -300,7 +300,7 @@ def test_rank_that_does_not_match_the_config(small):
 
 def test_missing_adapter_weights(small):
     path = copy_adapter(small, "noweights", r=2, target_modules=["q_proj"])
-    os.remove(os.path.join(path, lora.WEIGHTS_NAME))
+    os.remove(os.path.join(path, adapter.WEIGHTS_NAME))
     with pytest.raises(CheckpointError, match="adapter_model.safetensors is missing") as e:
         plan_of(small, path)
     assert path in str(e.value)

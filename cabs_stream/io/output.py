@@ -22,7 +22,7 @@ import time
 from ..errors import OutputError
 from ..plan import Plan
 from . import hub, platform
-from .lora import spec_paths
+from .adapter import spec_paths
 from .platform import NOFOLLOW
 from .checkpoint import INDEX_NAME
 
