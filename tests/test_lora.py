@@ -47,7 +47,7 @@ def tiny_llama(path, dtype: str, seed: int = 0) -> None:
 
 
 def load_llama(path, dtype: str):
-    return transformers.LlamaForCausalLM.from_pretrained(path, dtype=TORCH[dtype])
+    return transformers.LlamaForCausalLM.from_pretrained(path).to(TORCH[dtype])  # exact: the values are dyadic
 
 
 def make_adapter(base, path, dtype: str, seed: int, other_dtype: bool = False, **config) -> str:
@@ -228,7 +228,7 @@ def test_fan_in_fan_out_gpt2(tmp_path):
     for p in model.parameters():
         dyadic_(p, gen, 256, 16.0)
     model.to(torch.bfloat16).save_pretrained(tmp_path / "base")
-    load = lambda: transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "base", dtype=torch.bfloat16)  # noqa: E731
+    load = lambda: transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "base").to(torch.bfloat16)  # noqa: E731
     lcfg = peft.LoraConfig(r=4, lora_alpha=16, target_modules=["c_attn", "c_proj", "c_fc"], fan_in_fan_out=True)
     pm = peft.get_peft_model(load(), lcfg)
     for name, p in pm.named_parameters():
@@ -321,3 +321,21 @@ def test_output_inside_an_adapter_is_refused(small):
     cfg = build_config(base=str(small / "base"), models=[f"{small / 'base'}+{path}"], n=2, m=8)
     with pytest.raises(OutputError, match="inside input"):
         merge(cfg, os.path.join(path, "merged"))
+
+
+def test_mergekit_yaml_command_line(small, tmp_path):
+    from click.testing import CliRunner
+    from cabs_stream_cli.mergekit_yaml import main as mergekit_yaml
+
+    path = copy_adapter(small, "cli", r=2, target_modules=["q_proj"])
+    recipe = tmp_path / "recipe.yml"
+    recipe.write_text(yaml.safe_dump({"merge_method": "task_arithmetic", "base_model": str(small / "base"),
+                                      "models": [{"model": f"{small / 'base'}+{path}"}]}))
+    res = CliRunner().invoke(mergekit_yaml, [str(recipe), str(tmp_path / "out"), "--lora-merge-cache", "/tmp/x",
+                                             "--lora-merge-dtype", "float16", "--quiet"])
+    assert res.exit_code == 0, res.output
+    assert "--lora-merge-cache: adapters are applied chunk by chunk" in res.output
+    assert "--lora-merge-dtype: an adapter is merged in the dtype of the checkpoint" in res.output
+    ref = peft.PeftModel.from_pretrained(load_llama(small / "base", "F32"), path).merge_and_unload().state_dict()
+    got = load_model(str(tmp_path / "out"))
+    assert all(torch.equal(got[n], ref[n]) for n in got)
