@@ -51,7 +51,7 @@ def test_keep_task_vectors_with_a_merge(family, tmp_path):
 def test_store_with_a_tensor_only_one_model_changed(tmp_path):
     """A values chunk never written (that model's task vector is zero there) beside a mapped one."""
     rng = np.random.default_rng(0)
-    base = {"a.w": np.round(rng.standard_normal((8, 64)) * 8) / 64, "b.w": np.round(rng.standard_normal((8, 64)) * 8) / 64}
+    base = {n: np.round(rng.standard_normal((8, 64)) * 8) / 64 for n in ("a.w", "b.w")}
     write_model(str(tmp_path / "base"), {n: (v, "BF16") for n, v in base.items()})
     write_model(str(tmp_path / "ft1"), {"a.w": (base["a.w"] + 0.5, "BF16"), "b.w": (base["b.w"], "BF16")})
     write_model(str(tmp_path / "ft2"), {"a.w": (base["a.w"] - 0.25, "BF16"), "b.w": (base["b.w"] + 0.5, "BF16")})

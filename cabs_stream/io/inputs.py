@@ -12,7 +12,6 @@ import mmap
 import os
 import signal
 import threading
-
 from typing import Any
 
 import numpy as np
@@ -47,7 +46,8 @@ def thread_buffer(local: threading.local, name: str, shape: tuple[int, ...], dty
     return buf[:size].reshape(shape)
 
 
-def _ranges(infos: tuple[TensorInfo | Derived, ...], start: int, count: int) -> list[tuple[TensorInfo, int, int]]:
+def _ranges(infos: tuple[TensorInfo | Derived, ...], start: int, count: int) \
+        -> list[tuple[TensorInfo, int, int]]:
     """The file ranges a chunk of these tensors reads, once each (a LoRA target's, its factors too)."""
     out = [r for info in infos for r in ([(info, start, count)] if isinstance(info, TensorInfo)
                                           else info.ranges(start, count))]
@@ -133,7 +133,7 @@ class InputMaps:
 
     def prefetch(self, infos: tuple[TensorInfo | Derived, ...], start: int, count: int) -> None:
         """Ask the kernel to start reading a chunk's pages now (asynchronous readahead)."""
-        for info, a, n in _ranges(infos, start, count):  # once each (a merge from a store lists the base k + 1 times)
+        for info, a, n in _ranges(infos, start, count):  # once each (a store's merge lists the base k + 1 times)
             self._advise(info, a, n, "WILLNEED")
 
     def release(self, infos: tuple[TensorInfo | Derived, ...], start: int, count: int) -> None:

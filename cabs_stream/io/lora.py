@@ -60,7 +60,7 @@ class LoraTensor:
 
     def ranges(self, start: int, count: int) -> list[tuple[TensorInfo, int, int]]:
         """The element ranges of its files a chunk reads: W's, the left factor's rows, the right factor."""
-        rows, cols = self.shape
+        cols = self.shape[1]
         r0, r1 = start // cols, (start + count - 1) // cols + 1
         left = (self.a, 0, self.a.numel) if self.transposed else (self.b, r0 * self.rank, (r1 - r0) * self.rank)
         return [(self.under, start, count), left, (self.b, 0, self.b.numel) if self.transposed
