@@ -162,14 +162,16 @@ def merge_rows(under, under_code, left, right, scale, offset, count, acc, out, c
             a = left[row, k]
             for c in range(cols):
                 acc[c] += a * right[k, c]
-        c = offset + j - row * cols
-        while c < cols and j < count:
-            w = load(under, under_code, j)
-            if under_code != code:
-                w = round_to(w, code)
-            store(out, code, j, w + np.float32(acc[c] * scale))
-            c += 1
-            j += 1
+        c0 = offset + j - row * cols
+        n = min(cols - c0, count - j)
+        if under_code == code:
+            for i in range(n):
+                store(out, code, j + i, load(under, code, j + i) + np.float32(acc[c0 + i] * scale))
+        else:
+            for i in range(n):
+                w = round_to(load(under, under_code, j + i), code)
+                store(out, code, j + i, w + np.float32(acc[c0 + i] * scale))
+        j += n
 
 
 @njit(nogil=True, cache=True)
