@@ -17,8 +17,9 @@ from .codec import COPY_ONLY, FLOAT_CODES, ITEMSIZE, is_mergeable
 from .config import MergeConfig, layer_index, parse_size
 from .errors import CheckpointError, ConfigError
 from . import vocab
-from .io import hub
+from .io import adapter, hub
 from .io.checkpoint import Checkpoint, open_checkpoint
+from .io.lora import Derived
 from .io.safetensors_format import TensorInfo, build_header
 
 DEFAULT_CHUNK = 1 << 22  # elements
@@ -46,7 +47,7 @@ class TensorJob:
     shape: tuple[int, ...]
     out_dtype: str
     base: TensorInfo
-    fts: tuple[TensorInfo, ...]  # empty for tensors copied from the base
+    fts: tuple[TensorInfo | Derived, ...]  # empty for tensors copied from the base
     shard: int
     out_start: int  # absolute byte offset in the output shard
     chunk: int  # elements per chunk of this tensor (the last one may be shorter)
@@ -137,8 +138,9 @@ def is_vocab_tensor(name: str, b: TensorInfo, rows: int | None) -> bool:
 
 def match_tensors(config: MergeConfig, base: Checkpoint, models: list[Checkpoint],
                   align: vocab.Alignment | None = None) \
-        -> tuple[list[tuple[str, TensorInfo, tuple[TensorInfo, ...]]], list[str]]:
-    """Pair every base tensor with the fine-tuned ones; raise on any mismatch. Vocabulary
+        -> tuple[list[tuple[str, TensorInfo, tuple[TensorInfo | Derived, ...]]], list[str]]:
+    """Pair every base tensor with the fine-tuned ones (a LoRA model's target tensors and
+    recast stored tensors are ``lora.Derived``); raise on any mismatch. Vocabulary
     tensors of fine-tunes with more rows than the base are cut to the base's rows (noted), or,
     with ``align``, every model's rows are aligned to the output vocabulary (vocab.py)."""
     out = []
@@ -214,8 +216,10 @@ def engine_settings(config: MergeConfig, chunk_size: int | None, workers: int | 
     """Chunk size (elements) and worker count, derived from a memory budget when given.
 
     A chunk in flight holds its input pages (<= 4 bytes per element per model, base
-    included), its output words (<= 4 bytes), k mask bits per element and the method's
-    scratch (``Needs.scratch_bytes``); two chunks per worker may be resident at once.
+    included), its output words (<= 4 bytes), k mask bits per element, the method's
+    scratch (``Needs.scratch_bytes``) and, for LoRA models, their merged words and factor
+    rows per element and a factor per chunk (``adapter.memory_needs``); two chunks per worker
+    may be resident at once.
     """
     # Chunks wait on page faults as much as on the CPU: two per core keep the disk busy.
     workers = workers or 2 * (os.cpu_count() or 1)
@@ -228,11 +232,12 @@ def engine_settings(config: MergeConfig, chunk_size: int | None, workers: int | 
     if memory is None:
         return DEFAULT_CHUNK, workers
     k = len(config.models)
-    per_element = 4 * (k + 1) + 4 + k / 8 + config.spec.needs(config).scratch_bytes
-    room = memory - RUNTIME_RESERVE
+    lora_element, lora_chunk = adapter.memory_needs(s.path for s in config.models)
+    per_element = 4 * (k + 1) + 4 + k / 8 + config.spec.needs(config).scratch_bytes + lora_element
+    room = memory - RUNTIME_RESERVE - 2 * workers * lora_chunk
     if room < 64 * 1024 * per_element:
         raise ConfigError(f"`memory` {memory} bytes is too small; allow at least "
-                          f"{(RUNTIME_RESERVE + 64 * 1024 * per_element) / 2**20:.0f} MiB")
+                          f"{(memory - room + 64 * 1024 * per_element) / 2**20:.0f} MiB")
     chunk = int(room / (2 * workers * per_element))
     return min(chunk, 1 << 24), workers
 
@@ -242,9 +247,13 @@ def make_plan(config: MergeConfig, chunk_size: int, shard_size: int, convert_dir
     """Open and validate every input, then lay out the chunk grid and the output shards.
     PyTorch .bin inputs are converted to safetensors in ``convert_dir``. ``stored``: the task
     vectors come from a store, so only the base is opened (it stands in for every model)."""
+    if adapter.split_spec(config.base) is not None:
+        raise ConfigError(f"base_model {config.base} is a LoRA adapter: give the checkpoint it applies to as the "
+                          "base, and the adapter (or checkpoint+adapter) as a model")
     base = open_checkpoint(config.base, convert_dir)
     config = dataclasses.replace(config, layers=count_layers(base))  # where gradients are interpolated
-    models = [base] * len(config.models) if stored else [open_checkpoint(s.path, convert_dir) for s in config.models]
+    models = [base] * len(config.models) if stored else [
+        adapter.open_model(s.path, config.base, base, lambda p: open_checkpoint(p, convert_dir)) for s in config.models]
     align = alignment(config, base, models) if not stored else None
     matched, ignored = match_tensors(config, base, models, align)
     m = group_size(config)

@@ -97,10 +97,13 @@ def main(config, out_path, copy_tokenizer, out_shard_size, write_model_card, ran
         note(_NO_MEANING["safe_serialization"])
     if device not in (None, "cpu", "auto"):
         note(f"--device {device}: cabs-stream runs on the CPU")
-    for flag, value in (("--write-threads", write_threads), ("--transformers-cache", transformers_cache),
-                        ("--lora-merge-cache", lora_merge_cache), ("--lora-merge-dtype", lora_merge_dtype)):
+    for flag, value in (("--write-threads", write_threads), ("--transformers-cache", transformers_cache)):
         if value is not None:
             note(f"{flag}: has no meaning here")
+    if lora_merge_cache is not None:
+        note("--lora-merge-cache: adapters are applied chunk by chunk during the merge, no merged copy is cached")
+    if lora_merge_dtype is not None:
+        note("--lora-merge-dtype: an adapter is merged in the dtype of the checkpoint it applies to, as PEFT does")
     try:
         if unsafe_truncate_embeddings:
             raise ConfigError("--unsafe-truncate-embeddings is not supported: vocabularies must match the base's")

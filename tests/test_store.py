@@ -48,6 +48,21 @@ def test_keep_task_vectors_with_a_merge(family, tmp_path):
     assert shard_bytes(first.out_dir) == shard_bytes(again.out_dir)
 
 
+def test_store_with_a_tensor_only_one_model_changed(tmp_path):
+    """A values chunk never written (that model's task vector is zero there) beside a mapped one."""
+    rng = np.random.default_rng(0)
+    base = {n: np.round(rng.standard_normal((8, 64)) * 8) / 64 for n in ("a.w", "b.w")}
+    write_model(str(tmp_path / "base"), {n: (v, "BF16") for n, v in base.items()})
+    write_model(str(tmp_path / "ft1"), {"a.w": (base["a.w"] + 0.5, "BF16"), "b.w": (base["b.w"], "BF16")})
+    write_model(str(tmp_path / "ft2"), {"a.w": (base["a.w"] - 0.25, "BF16"), "b.w": (base["b.w"] + 0.5, "BF16")})
+    config = build_config(base=str(tmp_path / "base"), models=[str(tmp_path / "ft1"), str(tmp_path / "ft2")],
+                          n=2, m=8)
+    prune(config, str(tmp_path / "tv.zarr"), chunk_size=64)
+    a = merge_from_store(str(tmp_path / "tv.zarr"), str(tmp_path / "from"))
+    b = merge(config, str(tmp_path / "fresh"), chunk_size=64)
+    assert shard_bytes(a.out_dir) == shard_bytes(b.out_dir)
+
+
 def test_compact_store_size_at_64_of_256(tmp_path):
     """n:m keeps n/m of each model's bytes plus one bit per parameter: <= 0.7 bytes per
     parameter per model at 64:256 in bf16 (a dense bf16 checkpoint: 2)."""

@@ -10,10 +10,14 @@ import json
 import os
 import stat
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from . import hub, torch_bin
 from ..errors import CheckpointError
 from .safetensors_format import TensorInfo, read_header
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .lora import Derived
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -61,12 +65,13 @@ def shard_names(weight_map: object, label: str, index: str) -> list[str]:
 
 @dataclass
 class Checkpoint:
-    """One model: its label (the path the user gave), folder, files and tensors by name."""
+    """One model: its label (the path the user gave), folder, files and tensors by name (a
+    LoRA model's are partly ``lora.Derived``: computed chunk by chunk)."""
 
     label: str
     root: str  # folder holding config/tokenizer files ("" for a bare file)
-    files: list[str]
-    tensors: dict[str, TensorInfo] = field(repr=False)
+    files: list[str]  # every file the model's identity covers (an adapter's config and weights too)
+    tensors: dict[str, "TensorInfo | Derived"] = field(repr=False)
 
 
 def open_checkpoint(path: str, convert_dir: str | None = None) -> Checkpoint:

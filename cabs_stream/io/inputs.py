@@ -32,6 +32,32 @@ def byte_range(info: TensorInfo, start: int, count: int) -> tuple[int, int]:
     return info.start + start * size, info.start + (start + count) * size
 
 
+def thread_buffer(local: threading.local, name: str, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
+    """A per-thread buffer kept on ``local``, reused across chunks (grown when needed)."""
+    key = (name, np.dtype(dtype).str)
+    bufs = getattr(local, "bufs", None)
+    if bufs is None:
+        bufs = local.bufs = {}
+    size = int(np.prod(shape))
+    buf = bufs.get(key)
+    if buf is None or buf.size < size:
+        buf = bufs[key] = np.empty(size, dtype)
+    return buf[:size].reshape(shape)
+
+
+#: A tensor computed chunk by chunk (``lora.Derived``, ``vocab.RowsTensor``): it has
+#: ``ranges(start, count)`` (the file ranges a chunk reads) and ``chunk_words(...)``.
+Computed = Any
+
+
+def _ranges(infos: tuple[TensorInfo | Computed, ...], start: int, count: int) \
+        -> list[tuple[TensorInfo, int, int]]:
+    """The file ranges a chunk of these tensors reads, once each (a computed tensor's: its sources)."""
+    out = [r for info in infos for r in ([(info, start, count)] if isinstance(info, TensorInfo)
+                                          else info.ranges(start, count))]
+    return list(dict.fromkeys(out))
+
+
 def changed(path: str) -> CheckpointError:
     return CheckpointError("the file changed during the merge (truncated or rewritten by another process); "
                            "nothing was written under the output name: rerun once it is complete", file=path)
@@ -40,22 +66,13 @@ def changed(path: str) -> CheckpointError:
 class InputMaps:
     """One read-only map per input file, opened on first use, all closed by ``close``. Before a
     chunk is read, its file is checked to still hold the mapped bytes (a file truncated under
-    a map would kill the process with SIGBUS on the next access)."""
+    a map would kill the process with SIGBUS on the next access). The words of a LoRA target
+    are computed into per-thread buffers of the run (``lora.LoraTensor.chunk_words``)."""
 
     def __init__(self) -> None:
         self._maps: dict[str, tuple[mmap.mmap, int]] = {}
         self._lock = threading.Lock()
-        self._local = threading.local()
-
-    def scratch(self, name: str, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
-        """A per-thread buffer of these maps' owner (the run), reused across chunks."""
-        bufs = self._local.__dict__.setdefault("bufs", {})
-        size = int(np.prod(shape))
-        key = (name, np.dtype(dtype).str)
-        buf = bufs.get(key)
-        if buf is None or buf.size < size:
-            buf = bufs[key] = np.empty(size, dtype)
-        return buf[:size].reshape(shape)
+        self._local = threading.local()  # per-thread buffers (LoRA words)
 
     def _map(self, path: str) -> mmap.mmap:
         entry = self._maps.get(path)
@@ -85,9 +102,13 @@ class InputMaps:
             self._maps.clear()
         self._local = threading.local()
 
-    def words(self, info: TensorInfo | Any, start: int, count: int, slot: int = 0) -> np.ndarray:
+    def scratch(self, name: str, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
+        return thread_buffer(self._local, name, shape, dtype)
+
+    def words(self, info: TensorInfo | Computed, start: int, count: int, slot: int = 0) -> np.ndarray:
         """Read-only uint16 view of elements ``[start, start+count)`` (a copy only if misaligned);
-        a computed tensor (vocabulary rows aligned by token) fills the thread's buffer ``slot``."""
+        a computed tensor (a LoRA model's, or vocabulary rows aligned by token) fills the
+        thread's buffer ``slot``."""
         if not isinstance(info, TensorInfo):
             return info.chunk_words(start, count, self.words, self.scratch, slot)
         a, b = byte_range(info, start, count)
@@ -98,16 +119,14 @@ class InputMaps:
         arr.flags.writeable = False
         return arr
 
-    def read_chunk(self, base: TensorInfo, fts: tuple[TensorInfo, ...], start: int, count: int) \
+    def read_chunk(self, base: TensorInfo, fts: tuple[TensorInfo | Computed, ...], start: int, count: int) \
             -> tuple[np.ndarray, tuple[np.ndarray, ...]]:
-        """Raw 16-bit words of elements [start, start + count) of the base and each fine-tuned tensor."""
+        """Raw 16-bit words of elements [start, start + count) of the base and each fine-tuned
+        tensor: the one place the methods and the prepass readers read model words through
+        (buffer slot 0 for the base, i + 1 for model i, so computed tensors never share one)."""
         return self.words(base, start, count), tuple(self.words(f, start, count, i + 1) for i, f in enumerate(fts))
 
-    def _advise(self, info: TensorInfo | Any, start: int, count: int, advice: str) -> None:
-        if not isinstance(info, TensorInfo):  # a computed tensor: the file ranges it reads
-            for part, a, n in info.ranges(start, count):
-                self._advise(part, a, n, advice)
-            return
+    def _advise(self, info: TensorInfo, start: int, count: int, advice: str) -> None:
         a, b = byte_range(info, start, count)
         a -= a % _PAGE
         if advice == "DONTNEED":
@@ -118,15 +137,15 @@ class InputMaps:
         if b > a:
             platform.advise(mm, advice, a, b - a)
 
-    def prefetch(self, infos: tuple[TensorInfo, ...], start: int, count: int) -> None:
+    def prefetch(self, infos: tuple[TensorInfo | Computed, ...], start: int, count: int) -> None:
         """Ask the kernel to start reading a chunk's pages now (asynchronous readahead)."""
-        for info in dict.fromkeys(infos):  # once each (a merge from a store lists the base k + 1 times)
-            self._advise(info, start, count, "WILLNEED")
+        for info, a, n in _ranges(infos, start, count):  # once each (a store's merge lists the base k + 1 times)
+            self._advise(info, a, n, "WILLNEED")
 
-    def release(self, infos: tuple[TensorInfo, ...], start: int, count: int) -> None:
+    def release(self, infos: tuple[TensorInfo | Computed, ...], start: int, count: int) -> None:
         """Drop the mapped pages of a chunk from this process (the page cache keeps them)."""
-        for info in dict.fromkeys(infos):
-            self._advise(info, start, count, "DONTNEED")
+        for info, a, n in _ranges(infos, start, count):
+            self._advise(info, a, n, "DONTNEED")
 
 
 class LeaseGuard:

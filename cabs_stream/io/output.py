@@ -22,6 +22,7 @@ import time
 from ..errors import OutputError
 from ..plan import Plan
 from . import hub, platform
+from .adapter import spec_paths
 from .platform import NOFOLLOW
 from .checkpoint import INDEX_NAME
 
@@ -100,12 +101,13 @@ def _inside(path: str, root: str) -> bool:
 
 def check_output(out_dir: str, inputs: list[str], overwrite: bool) -> None:
     """Refuse an output that is, contains or is inside an input (through symlinks), one that
-    exists (unless ``overwrite``) or is not a folder, and one whose parent cannot hold it."""
+    exists (unless ``overwrite``) or is not a folder, and one whose parent cannot hold it.
+    A model given as ``checkpoint+adapter`` is both paths."""
     if not out_dir or "\0" in str(out_dir):
         raise OutputError(f"invalid output folder {out_dir!r}")
     out_dir = os.path.abspath(out_dir)  # ".." taken lexically, as every later step takes it
     out = os.path.realpath(out_dir)
-    for p in inputs:
+    for p in (q for spec in inputs for q in spec_paths(spec)):
         root = os.path.realpath(hub.local_path(p))
         if _inside(out, root):
             raise OutputError(f"output folder {out_dir} is inside input {p}; choose a folder outside the inputs")

@@ -242,7 +242,9 @@ class TaskVectorStore(LazyGroup):
         masks = self._slice(name, "mask", a, b, scratch)
         if self.nm is None:
             return masks, [np.ascontiguousarray(self.array(name, "values")[:, start:start + count])]
-        return masks, [self._slice(name, array, a, b, scratch) for array, a, b in values]
+        # read-only, as the mapped chunk files are: a chunk never written (all zeros) read into a
+        # buffer beside a mapped one would give the kernels a tuple of two array types
+        return masks, [_read_only(self._slice(name, array, a, b, scratch)) for array, a, b in values]
 
     def prefetch(self, name: str, start: int, count: int, k: int, wpv: list[int]) -> None:
         """Ask the OS to start reading the chunk files of a later chunk now (asynchronous)."""
@@ -267,6 +269,12 @@ class TaskVectorStore(LazyGroup):
         for i, v in enumerate(vals):
             c = crc(v) ^ (c * 31 + i) & 0xFFFFFFFF
         return c
+
+
+def _read_only(a: np.ndarray) -> np.ndarray:
+    view = a.view()
+    view.flags.writeable = False
+    return view
 
 
 def open_store(path: str) -> tuple[TaskVectorStore, dict]:

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from ..io.inputs import InputMaps
+from ..io.inputs import InputMaps, thread_buffer
 from ..io.output import ShardFiles
 from ..methods.base import Method
 from ..plan import Plan
@@ -42,15 +42,7 @@ class RunContext:
 
     def scratch(self, name: str, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
         """A per-thread buffer of this run, reused across chunks (grown when needed)."""
-        key = (name, np.dtype(dtype).str)
-        bufs = getattr(self._local, "bufs", None)
-        if bufs is None:
-            bufs = self._local.bufs = {}
-        size = int(np.prod(shape))
-        buf = bufs.get(key)
-        if buf is None or buf.size < size:
-            buf = bufs[key] = np.empty(size, dtype)
-        return buf[:size].reshape(shape)
+        return thread_buffer(self._local, name, shape, dtype)
 
     def get(self) -> "RunContext":
         if self.closed:
