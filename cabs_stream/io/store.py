@@ -10,7 +10,9 @@ A Zarr v3 group (``STORE.zarr``), one subgroup per merged tensor:
 - other methods: ``<tensor>/values``: float32 (k, numel), the kept task-vector entries (after
   DELLA's 1/p; DARE's 1/density is applied at merge time), 0 elsewhere, zstd-compressed.
 
-Chunks are those of the merge that wrote it (multiples of m). ``attrs`` hold the recipe (the
+``chunk_counts`` (one row per chunk, written as chunks finish, for resume) and ``counts`` (the
+same rows in one chunk, written once the prune is complete) hold the lambda-independent
+counts of the report. Chunks are those of the merge that wrote it (multiples of m). ``attrs`` hold the recipe (the
 configuration, without the weights that a later merge gives), the layout, and the identity of
 the base and every input, checked before a merge from the store.
 """
@@ -126,13 +128,21 @@ class TaskVectorStore(LazyGroup):
         """A chunk's counts (kept, overlap, balance): lambda-independent, reused by every point."""
         self.group()["chunk_counts"][index] = row
 
+    def finish_counts(self, rows: list[np.ndarray]) -> None:
+        """Every chunk's counts in one array of one chunk (``counts``), once the prune is
+        complete: a merge from the store reads them in one file, not one per chunk."""
+        rows = np.asarray(rows, np.int64)
+        self.group().create_array("counts", shape=rows.shape, chunks=rows.shape, dtype="int64", overwrite=True)[:] = rows
+
     def known_counts(self, n_chunks: int) -> np.ndarray | None:
         """The counts of every chunk as pruned (None if they do not cover ``n_chunks``)."""
-        if getattr(self, "_counts", None) is None:
-            try:
-                self._counts = np.asarray(self.group()["chunk_counts"][:], np.int64)
-            except KeyError:
-                return None
+        g = self.group()
+        with self._lock:  # read once per run, by the first chunk that asks
+            if getattr(self, "_counts", None) is None:
+                try:
+                    self._counts = np.asarray(g["counts"][:] if "counts" in g else g["chunk_counts"][:], np.int64)
+                except KeyError:
+                    return None
         c = self._counts
         return c if c.shape[0] == n_chunks and (c[:, 0] >= 0).all() else None
 
