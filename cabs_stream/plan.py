@@ -114,15 +114,20 @@ def align_chunk_size(requested: int, m: int) -> int:
 
 def tensor_chunk_size(chunk_size: int, m: int, shape: tuple[int, ...], whole_rows: bool = False) -> int:
     """The chunk size of one tensor: whole rows too when a row fits (for the row statistics),
-    or always (``whole_rows``, for per-row selection; a 1-D tensor is one row)."""
-    cols = shape[-1] if len(shape) >= 2 else (math.prod(shape) if whole_rows else 0)
+    or always (``whole_rows``, for per-row selection; a 1-D tensor is one row); and, for as
+    many chunks as ``chunk_size`` needs, chunks of even size, so the last is not mostly empty
+    (a task-vector store writes every chunk whole)."""
+    numel = math.prod(shape)
+    cols = shape[-1] if len(shape) >= 2 else (numel if whole_rows else 0)
+    step, size = math.lcm(m, 8), chunk_size
     if cols:
         row_step = math.lcm(m, 8, cols)
         if row_step <= chunk_size:
-            return chunk_size // row_step * row_step
-        if whole_rows:
+            step, size = row_step, chunk_size // row_step * row_step
+        elif whole_rows:
             return row_step
-    return chunk_size
+    n = max(1, -(-numel // size))
+    return min(size, -(-(-(-numel // n)) // step) * step)
 
 
 _VOCAB_NAMES = ("embed_tokens", "lm_head", "wte", "word_embeddings", "embed_out", "tok_embeddings", "embed_in")

@@ -11,10 +11,10 @@ A Zarr v3 group (``STORE.zarr``), one subgroup per merged tensor:
   DELLA's 1/p; DARE's 1/density is applied at merge time), 0 elsewhere, zstd-compressed.
 
 ``chunk_counts`` (one row per chunk, written as chunks finish, for resume) and ``counts`` (the
-same rows in one chunk, written once the prune is complete) hold the lambda-independent
-counts of the report. Chunks are those of the merge that wrote it (multiples of m). ``attrs`` hold the recipe (the
-configuration, without the weights that a later merge gives), the layout, and the identity of
-the base and every input, checked before a merge from the store.
+same rows in one chunk, written once the prune is complete) hold the lambda-independent counts
+of the report. Chunks are those of the merge that wrote it (multiples of m). ``attrs`` hold the
+recipe (the configuration, without the weights that a later merge gives), the layout, and the
+identity of the base and every input, checked before a merge from the store.
 """
 
 from __future__ import annotations
