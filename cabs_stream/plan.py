@@ -165,6 +165,7 @@ def match_tensors(config: MergeConfig, base: Checkpoint, models: list[Checkpoint
         if config.excluded(name):  # kept from the base: zero task vectors (still cast to the output dtype)
             out.append((name, b, tuple(b for _ in models)))
             continue
+        by_token = is_vocab_tensor(name, b, rows)
         fts = []
         for mdl in models:
             f = mdl.tensors.get(name)
@@ -180,9 +181,9 @@ def match_tensors(config: MergeConfig, base: Checkpoint, models: list[Checkpoint
                 raise CheckpointError(f"dtype {f.dtype} does not match the base's {b.dtype} "
                                       "(expected a float dtype: BF16, F16 or F32)",
                                       model=mdl.label, file=f.file, tensor=name)
-            grown = (f.shape[1:] == b.shape[1:] and f.shape[0] > b.shape[0] and is_vocab_tensor(name, b, rows))
-            if f.shape != b.shape and not (grown or (align is not None and f.shape[1:] == b.shape[1:]
-                                                     and is_vocab_tensor(name, b, rows))):
+            rows_only = by_token and f.shape[1:] == b.shape[1:]  # only the vocabulary may differ
+            grown = rows_only and f.shape[0] > b.shape[0]
+            if f.shape != b.shape and not (grown or (align is not None and rows_only)):
                 raise CheckpointError(f"shape {list(f.shape)} does not match the base's {list(b.shape)}",
                                       model=mdl.label, file=f.file, tensor=name)
             if grown and align is None:  # tokenizer_source base: the base's rows, the extra ones dropped
@@ -191,7 +192,7 @@ def match_tensors(config: MergeConfig, base: Checkpoint, models: list[Checkpoint
                 dropped[mdl.label] = (max(seen[0], extra), seen[1] | {name})
                 f = TensorInfo(f.name, f.dtype, b.shape, f.file, f.start, b.numel * ITEMSIZE[f.dtype])
             fts.append(f)
-        if align is not None and is_vocab_tensor(name, b, rows):
+        if align is not None and by_token:
             parts = (b, *fts)
             for p, info in enumerate(parts):
                 if int(align.perm[p].max(initial=-1)) >= info.shape[0]:

@@ -19,7 +19,7 @@ from .. import thresholds
 from . import gta_kernels as GK
 from . import nm_kernel
 from .base import DENSITY, SEED, WEIGHT, Chunk, Method, Needs, Param, top_count, weights
-from .cabs import M, N, ORDER, SPARSITY, describe_nm, quotas, resolve_nm
+from .cabs import M, N, ORDER, SPARSITY, describe_nm, quotas, resolve_model_nm, resolve_nm
 from .gta import GTA, GTAParams, chunk_thresholds, tau_keys
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -49,7 +49,7 @@ class BSOnly(Method):
         return resolve_nm(params)
 
     def resolve_model(self, own: dict[str, Any], shared: dict[str, Any], where: str) -> dict[str, Any]:
-        return resolve_nm(own, shared, where)
+        return resolve_model_nm(own, shared, where)
 
     def needs(self, cfg: "MergeConfig") -> Needs:
         return Needs(scratch_bytes=4 + 5 * len(cfg.models) + 4.25)

@@ -39,34 +39,42 @@ VARIANT = Param("variant", "choice", "paper", "published-2024 reproduces the aut
 MAX_M = 1 << 20
 
 
-def resolve_nm(params: dict[str, Any], shared: dict[str, Any] | None = None, where: str = "parameters") \
-        -> dict[str, Any]:
-    """n and m from n/m/sparsity (n = round(m * (1 - sparsity))), validated: the shared
-    parameters (``shared`` None) hold m, one for every model, and n for the models that do not
-    give their own; a model's own parameters may give its n (or sparsity). Each model's
-    effective n (own, else shared, else the default) must lie in [1, m]."""
-    m = (shared or params).get("m", M.default)
+def _sparsity_to_n(params: dict[str, Any], m: int, where: str) -> None:
+    """n = round(m * (1 - sparsity)) in place of a given sparsity."""
+    if params.get("sparsity") is None:
+        return
+    s = params.pop("sparsity")
+    if params.get("n") is not None:
+        raise ConfigError(f"{where}: give either n or sparsity, not both")
+    if not 0 <= s < 1:
+        raise ConfigError(f"{where}: sparsity must be in [0, 1), got {s}")
+    params["n"] = round(m * (1 - s))
+    if params["n"] < 1:
+        raise ConfigError(f"{where}: sparsity {s} keeps no weight in a group of m={m}; lower it or raise m")
+
+
+def resolve_nm(params: dict[str, Any]) -> dict[str, Any]:
+    """The shared n:m: m (one for every model) and n (for the models without their own), validated."""
+    m = params.get("m", M.default)
     if not 1 <= m <= MAX_M:
         raise ConfigError(f"m must be at least 1 (and at most {MAX_M}), got {m}")
-    if params.get("sparsity") is not None:
-        s = params.pop("sparsity")
-        if params.get("n") is not None:
-            raise ConfigError(f"{where}: give either n or sparsity, not both")
-        if not 0 <= s < 1:
-            raise ConfigError(f"{where}: sparsity must be in [0, 1), got {s}")
-        params["n"] = round(m * (1 - s))
-        if params["n"] < 1:
-            raise ConfigError(f"{where}: sparsity {s} keeps no weight in a group of m={m}; lower it or raise m")
-    if shared is None:
-        params["m"] = m
-        if "n" in params and not 1 <= params["n"] <= m:
-            raise ConfigError(f"{where}: n must be between 1 and m={m}, got {params['n']}")
-        return params
-    n = params.get("n", shared.get("n"))
+    _sparsity_to_n(params, m, "parameters")
+    if "n" in params and not 1 <= params["n"] <= m:
+        raise ConfigError(f"parameters: n must be between 1 and m={m}, got {params['n']}")
+    params["m"] = m
+    return params
+
+
+def resolve_model_nm(own: dict[str, Any], shared: dict[str, Any], where: str) -> dict[str, Any]:
+    """A model's own n (or sparsity), after ``resolve_nm`` of the shared ones: its effective n
+    (own, else shared, else the default) must lie in [1, m]."""
+    m = shared["m"]
+    _sparsity_to_n(own, m, where)
+    n = own.get("n", shared.get("n"))
     if not 1 <= (N.default if n is None else n) <= m:
         raise ConfigError(f"{where}: n must be between 1 and m={m}, got "
                           + (f"the default n={N.default}; give n (or sparsity)" if n is None else str(n)))
-    return params
+    return own
 
 
 def tail_quota(n: int, m: int, count: int) -> int:
@@ -111,7 +119,7 @@ class Cabs(Method):
         return params
 
     def resolve_model(self, own: dict[str, Any], shared: dict[str, Any], where: str) -> dict[str, Any]:
-        own = resolve_nm(own, shared, where)
+        own = resolve_model_nm(own, shared, where)
         if "n" in own and shared.get("variant") == "published-2024":
             raise ConfigError(f"{where}: variant published-2024 uses one n for both models, as the published "
                               "scripts did")

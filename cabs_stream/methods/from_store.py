@@ -86,6 +86,9 @@ class FromStore(Method):
     def __init__(self, inner: Method, store: "TaskVectorStore", dtypes: dict[str, list[str]],
                  whole_rows: bool) -> None:
         self.inner, self.store, self.dtypes, self.whole_rows = inner, store, dtypes, whole_rows
+        self.codes = {t: np.array([FLOAT_CODES[d] for d in ds], np.int64) for t, ds in dtypes.items()}
+        self.wpv = {t: [ITEMSIZE[d] // 2 for d in ds] for t, ds in dtypes.items()}  # words per value
+        self.ns = np.array(store.nm[0], np.int64) if store.nm is not None else None
         self.name, self.params, self.summary, self.paper = inner.name, inner.params, inner.summary, inner.paper
 
     def needs(self, cfg: "MergeConfig") -> Needs:
@@ -105,17 +108,14 @@ class FromStore(Method):
         p = c.prep
         k = c.k
         name = c.tensor.name
-        dtypes = self.dtypes[name]
         if c.index + 1 < len(run.plan.chunks):  # overlap I/O with compute: start reading the next chunk
             nxt = run.plan.chunks[c.index + 1]
             t = run.plan.tensors[nxt.tensor]
-            self.store.prefetch(t.name, nxt.start, nxt.count, k, [ITEMSIZE[d] // 2 for d in self.dtypes[t.name]])
-        masks, vals = self.store.read(name, c.start, c.count, k, [ITEMSIZE[d] // 2 for d in dtypes],
-                                       c.scratch)
-        if self.store.nm is not None:
-            ns, m = self.store.nm
-            sum_nm(c.base, c.base_code, tuple(vals), np.array([FLOAT_CODES[d] for d in dtypes], np.int64), masks,
-                   p.weight, c.count, m, np.array(ns, np.int64), c.out, c.out_code, c.stats)
+            self.store.prefetch(t.name, nxt.start, nxt.count, k, self.wpv[t.name])
+        masks, vals = self.store.read(name, c.start, c.count, k, self.wpv[name], c.scratch)
+        if self.ns is not None:
+            sum_nm(c.base, c.base_code, tuple(vals), self.codes[name], masks, p.weight, c.count, self.store.nm[1],
+                   self.ns, c.out, c.out_code, c.stats)
             c.masks[:] = masks
             return
         b = decode(c.base, c.base_code, c.count)
