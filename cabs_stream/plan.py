@@ -18,7 +18,7 @@ from .config import MergeConfig, layer_index, parse_size
 from .errors import CheckpointError, ConfigError
 from . import vocab
 from .io import adapter, hub
-from .io.checkpoint import Checkpoint, open_checkpoint
+from .io.checkpoint import Checkpoint, config_value, open_checkpoint
 from .io.lora import Derived
 from .io.safetensors_format import TensorInfo, build_header
 
@@ -301,7 +301,7 @@ def count_layers(base: Checkpoint) -> int:
     """The base's layer count (config.json ``num_hidden_layers``, else the highest layer index
     in its tensor names + 1; 0 without layers): gradients spread over these."""
     for key in ("num_hidden_layers", "n_layer", "num_layers"):
-        v = vocab.config_value(base.root, key) if base.root else None
+        v = config_value(base.root, key)
         if isinstance(v, int) and v > 0:
             return v
     found = [layer_index(n) for n in base.tensors]

@@ -21,7 +21,6 @@ into a per-thread buffer (``InputMaps.words``), so nothing is materialised on di
 
 from __future__ import annotations
 
-import json
 import os
 import warnings
 from dataclasses import dataclass
@@ -31,6 +30,7 @@ import numpy as np
 
 from .codec import FLOAT_CODES, ITEMSIZE, decode, encode
 from .errors import ConfigError
+from .io.checkpoint import config_value
 from .io.safetensors_format import TensorInfo
 
 NONE, DONOR, ZERO, AVERAGE = 0, 1, 2, 3  # default row of a participant that lacks the token
@@ -51,16 +51,6 @@ def load_tokenizer(folder: str, label: str) -> Any:
         return _transformers().AutoTokenizer.from_pretrained(folder, use_fast=True)
     except (OSError, ValueError) as e:
         raise ConfigError(f"cannot read the tokenizer of {label} ({folder}): {str(e).splitlines()[0][:200]}") from None
-
-
-def config_value(folder: str, key: str) -> Any:
-    """A top-level value of a model's config.json (None when absent or unreadable)."""
-    try:
-        with open(os.path.join(folder, "config.json"), encoding="utf-8") as f:
-            doc = json.load(f)
-    except (OSError, ValueError):
-        return None
-    return doc.get(key) if isinstance(doc, dict) else None
 
 
 def config_vocab_size(folder: str) -> int | None:

@@ -48,6 +48,16 @@ def load_json(path: str, label: str, what: str) -> object:
                               file=path) from None
 
 
+def config_value(folder: str, key: str) -> object:
+    """A top-level value of a model folder's config.json (None without one; open_checkpoint
+    has already refused a config.json that is not a JSON object)."""
+    path = os.path.join(folder, "config.json")
+    if not folder or not os.path.isfile(path):
+        return None
+    doc = load_json(path, folder, "config.json")
+    return doc.get(key) if isinstance(doc, dict) else None
+
+
 def shard_names(weight_map: object, label: str, index: str) -> list[str]:
     """The shard files of an index's ``weight_map`` (tensor -> file in the same folder)."""
     if not isinstance(weight_map, dict) or not all(isinstance(k, str) and isinstance(v, str)
