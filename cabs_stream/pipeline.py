@@ -138,7 +138,7 @@ def run(cfg: MergeConfig, work: str, *, chunk_size: int | None = None, workers: 
         if i not in rows:
             rows[i] = previous[i, :-EXTRA]
     if tvs is not None and plan.chunks:
-        tvs.finish_counts([rows[i] for i in range(len(plan.chunks))])
+        tvs.finish([rows[i] for i in range(len(plan.chunks))])
     if not dry:
         output.flush(model_dir)  # the output is on disk before the report's timings are taken
     t_merge = time.monotonic()

@@ -39,6 +39,13 @@ def test_merge_from_store_equals_a_fresh_merge(family, tmp_path, method):
     name = "layer.0.w"
     assert g[name]["mask"].shape == (3, 24 * 24 // 8)
     assert g.attrs["config"]["merge_method"] == method
+    # every array's metadata is consolidated into the root (one read opens them all), and it
+    # agrees with the arrays' own zarr.json
+    listed = {p for p, a in g.metadata.consolidated_metadata.flattened_metadata.items()
+              if a.node_type == "array"}
+    own = {os.path.relpath(r, store) for r, _, fs in os.walk(store) if "zarr.json" in fs and
+           json.load(open(os.path.join(r, "zarr.json")))["node_type"] == "array"}
+    assert listed == own and f"{name}/mask" in listed
 
 
 def test_keep_task_vectors_with_a_merge(family, tmp_path):

@@ -12,7 +12,8 @@ A Zarr v3 group (``STORE.zarr``), one subgroup per merged tensor:
 
 ``chunk_counts`` (one row per chunk, written as chunks finish, for resume) and ``counts`` (the
 same rows in one chunk, written once the prune is complete) hold the lambda-independent counts
-of the report. Chunks are those of the merge that wrote it (multiples of m). ``attrs`` hold the
+of the report. A complete store has its arrays' metadata consolidated into the root
+``zarr.json`` (``zarr.consolidate_metadata``; zarr opens it with one read). Chunks are those of the merge that wrote it (multiples of m). ``attrs`` hold the
 recipe (the configuration, without the weights that a later merge gives), the layout, and the
 identity of the base and every input, checked before a merge from the store.
 """
@@ -22,6 +23,7 @@ from __future__ import annotations
 import math
 import mmap
 import os
+import warnings
 from typing import Any
 
 import numpy as np
@@ -128,11 +130,16 @@ class TaskVectorStore(LazyGroup):
         """A chunk's counts (kept, overlap, balance): lambda-independent, reused by every point."""
         self.group()["chunk_counts"][index] = row
 
-    def finish_counts(self, rows: list[np.ndarray]) -> None:
-        """Every chunk's counts in one array of one chunk (``counts``), once the prune is
-        complete: a merge from the store reads them in one file, not one per chunk."""
+    def finish(self, rows: list[np.ndarray]) -> None:
+        """Once the prune is complete: every chunk's counts in one array of one chunk
+        (``counts``), and the metadata of every array consolidated into the root's
+        ``zarr.json``, so a merge from the store reads one file for each, not one per chunk
+        (counts) or three per tensor (metadata)."""
         rows = np.asarray(rows, np.int64)
         self.group().create_array("counts", shape=rows.shape, chunks=rows.shape, dtype="int64", overwrite=True)[:] = rows
+        with warnings.catch_warnings():  # "not part of the Zarr v3 specification": readers without it read each array's
+            warnings.simplefilter("ignore")
+            zarr.consolidate_metadata(self.path)
 
     def known_counts(self, n_chunks: int) -> np.ndarray | None:
         """The counts of every chunk as pruned (None if they do not cover ``n_chunks``)."""
