@@ -209,22 +209,34 @@ def chunk_words(t: RowsTensor, start: int, count: int, words: Callable[[TensorIn
     r0, r1 = start // cols, -(-(start + count) // cols)
     code = FLOAT_CODES[t.dtype]
     wpv = ITEMSIZE[t.dtype] // 2
-    rows = scratch(f"vocab-rows:{slot}", ((r1 - r0) * cols,), np.float32)
-    for r in range(r0, r1):
-        dst = rows[(r - r0) * cols:(r - r0 + 1) * cols]
-        src = a.perm[t.own, r]
-        if src < 0 and a.kind[r] == DONOR:
-            dst[:] = _row(t.parts[a.donor[r]], a.perm[a.donor[r], r], cols, words)
-        elif src < 0 and a.kind[r] == ZERO:
-            dst[:] = 0
-        elif src < 0:
-            dst[:] = _average(t, r, cols, words)
-        else:
-            dst[:] = _row(t.parts[t.own], src, cols, words)
     out = scratch(f"vocab-words:{slot}", ((r1 - r0) * cols * wpv,), np.uint16)
-    encode(rows, code, out)  # exact: every row is a value of the promoted dtype
+    src = a.perm[t.own, r0:r1]
+    # runs of rows this participant has at consecutive own rows are moved as one block (most
+    # of a grown vocabulary); rows it lacks take their default one by one
+    cut = np.flatnonzero((np.diff(src) != 1) | (src[1:] < 0) | (src[:-1] < 0)) + 1
+    for lo, hi in zip([0, *cut.tolist()], [*cut.tolist(), r1 - r0]):
+        r, dst = r0 + lo, out[lo * cols * wpv:hi * cols * wpv]
+        if src[lo] >= 0:
+            _put(dst, t.parts[t.own], int(src[lo]), hi - lo, cols, code, words)
+        elif a.kind[r] == DONOR:
+            _put(dst, t.parts[a.donor[r]], int(a.perm[a.donor[r], r]), 1, cols, code, words)
+        elif a.kind[r] == ZERO:
+            dst[:] = 0  # +0.0 in every float format
+        else:
+            encode(_average(t, r, cols, words), code, dst)  # exact: a value of the promoted dtype
     lo = (start - r0 * cols) * wpv
     return out[lo:lo + count * wpv]
+
+
+def _put(dst: np.ndarray, info: TensorInfo, row: int, n: int, cols: int, code: int,
+         words: Callable[[TensorInfo, int, int], np.ndarray]) -> None:
+    """Rows [row, row + n) of ``info`` into ``dst`` as words of dtype ``code``: copied when it is
+    the tensor's own dtype, else converted (exact: the promoted dtype holds every value)."""
+    w = words(info, row * cols, n * cols)
+    if FLOAT_CODES[info.dtype] == code:
+        dst[:] = w
+    else:
+        encode(decode(w, FLOAT_CODES[info.dtype], n * cols), code, dst)
 
 
 def _row(info: TensorInfo, row: int, cols: int, words: Callable[[TensorInfo, int, int], np.ndarray]) -> np.ndarray:

@@ -140,6 +140,21 @@ def test_union_and_model_vocabularies_align_rows_by_token(grown, tmp_path, sourc
     assert model.generate(ids, max_new_tokens=3, do_sample=False).shape == (1, ids.shape[1] + 3)
 
 
+def test_a_model_in_another_dtype_is_converted_exactly(grown, tmp_path):
+    """ft2 saved in bfloat16 beside float32 base and ft1: its aligned rows are converted to the
+    promoted float32 (the other participants' rows are copied as they are)."""
+    from safetensors.torch import load_file, save_file
+    path = os.path.join(grown["ft2"], "model.safetensors")
+    save_file({k: v.to(torch.bfloat16) for k, v in load_file(path).items()}, path, metadata={"format": "pt"})
+    out = merge(load_config(recipe(tmp_path, grown, "task_arithmetic", tokenizer_source="union")),
+                str(tmp_path / "out"), chunk_size=40)
+    got = load_model(out.out_dir)
+    for name, rows in aligned_reference(grown, "union").items():
+        b = torch.from_numpy(rows["base"])
+        expect = b + (0.7 * (torch.from_numpy(rows["ft1"]) - b) + 0.5 * (torch.from_numpy(rows["ft2"]) - b))
+        assert got[name].dtype == torch.float32 and torch.equal(got[name], expect), name
+
+
 def test_aligned_rows_are_the_same_for_any_chunking(grown, tmp_path):
     cfg = load_config(recipe(tmp_path, grown, "ties", tokenizer_source="union", density=0.5))
     a = merge(cfg, str(tmp_path / "a"), chunk_size=8, workers=1)
