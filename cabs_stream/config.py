@@ -29,12 +29,19 @@ UNSUPPORTED_KEYS = {
     "modules": "per-module configs are not supported; use filter lists in parameters",
     "chat_template": "chat_template is not supported; the chosen tokenizer source's template is copied",
 }
+_RUNS = "; cabs-stream runs linear, task arithmetic and the task-vector pruning methods (cabs, ties, dare, della, ...)"
 UNSUPPORTED_METHODS = {
-    m: "it interpolates pairs of models, it does not merge task vectors; cabs-stream runs linear, task "
-       "arithmetic and the pruning methods (cabs, ties, dare, della, ...)"
-    for m in ("slerp", "nuslerp", "karcher", "nearswap", "arcee_fusion", "multislerp")
+    "slerp": "it interpolates two models along a sphere, not a sum of task vectors" + _RUNS,
+    "nuslerp": "it interpolates two models (or their task vectors) along a sphere, not a sum of task vectors" + _RUNS,
+    "multislerp": "it takes a spherical weighted mean of the models, not a sum of task vectors" + _RUNS,
+    "karcher": "it takes the models' Riemannian (Karcher) mean, not a sum of task vectors" + _RUNS,
+    "nearswap": "it blends one model into the base by how near each weight is to the base's, not a sum of task "
+                "vectors" + _RUNS,
+    "arcee_fusion": "it fuses one model into the base where a per-row KL importance passes a threshold that "
+                    "mergekit estimates from a random sample of the tensor (so its output varies from run to "
+                    "run)" + _RUNS,
+    "passthrough": "it stacks layers (frankenmerges); cabs-stream merges whole models",
 }
-UNSUPPORTED_METHODS["passthrough"] = "it stacks layers (frankenmerges); cabs-stream merges whole models"
 #: mergekit's spellings of CABS' n:m (its merge method and pull request 568).
 NM_SPELLINGS = {"default_n_m_ratio": "n:m", "default_n_val": "n", "default_m_val": "m"}
 MODEL_NM_SPELLINGS = {"n_m_ratio": "n:m", "n_val": "n", "m_val": "m"}
@@ -394,12 +401,13 @@ def load_config(path: str, **overrides: Any) -> MergeConfig:
     _check_size(doc, path)
     if not isinstance(doc, dict):
         raise ConfigError(f"config {path} must be a mapping with merge_method, base_model and models")
-    for key, why in UNSUPPORTED_KEYS.items():
-        if key in doc:
-            raise ConfigError(f"config {path}: {why}")
     method = doc.get("merge_method", "cabs")
+    refused = [why for key, why in UNSUPPORTED_KEYS.items() if key in doc]
     if isinstance(method, str) and method in UNSUPPORTED_METHODS:
-        raise ConfigError(f"config {path}: merge_method {method} is not supported: {UNSUPPORTED_METHODS[method]}")
+        refused.append(f"merge_method {method} is not supported: {UNSUPPORTED_METHODS[method]}")
+    if refused:  # every reason at once, not one per rerun
+        raise ConfigError(f"config {path}: " + ("; and ".join(refused) if len(refused) < 3 else
+                                                "".join(f"\n  - {r}" for r in refused)))
     _unknown(doc, _TOP_KEYS, f"config {path}")
     params = doc.get("parameters") or {}
     if not isinstance(params, dict):

@@ -6,6 +6,7 @@ import os
 import shutil
 
 import pytest
+import yaml
 
 from cabs_stream import CheckpointError, build_config, merge
 from conftest import shard_bytes
@@ -34,7 +35,8 @@ def test_hub_ids_resolve_from_the_local_cache_offline(family, tmp_path, monkeypa
     assert shard_bytes(by_id.out_dir) == shard_bytes(by_path.out_dir)
     assert os.path.exists(os.path.join(by_id.out_dir, "tokenizer.json"))  # from the cached base
     card = open(os.path.join(by_id.out_dir, "README.md")).read()
-    assert "base_model: acme/base-7b" in card
+    front = yaml.safe_load(card.split("---\n")[1])
+    assert front["base_model"] == ["acme/base-7b", "acme/math-ft"]  # the ids; the local ft2 is not a Hub model
     with pytest.raises(CheckpointError, match=r"acme/unknown.*not in the Hugging Face cache.*HF_HUB_OFFLINE.*"
                                               r"huggingface-cli download acme/unknown"):
         merge(build_config(base="acme/base-7b", models=["acme/unknown"], n=3, m=8), str(tmp_path / "x"))

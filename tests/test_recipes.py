@@ -38,7 +38,8 @@ def test_base_among_models_and_cabs_spellings(family, tmp_path):
     b = merge(load_config(write(tmp_path, plain)), str(tmp_path / "b"))
     assert shard_bytes(a.out_dir) == shard_bytes(b.out_dir)
     card = open(os.path.join(a.out_dir, "README.md")).read()
-    assert card.startswith("---\nbase_model: ") and "- cabs-stream" in card and "library_name: transformers" in card
+    assert card.startswith("---\ntags:") and "- cabs-stream" in card and "library_name: transformers" in card
+    assert "base_model:" not in card.split("---\n")[1]  # local paths are not Hub ids
     recipe = yaml.safe_load(card.split("```yaml\n")[1].split("```")[0])
     assert recipe["merge_method"] == "cabs" and recipe["parameters"] == {"m": 8}
     assert [x["parameters"]["n"] for x in recipe["models"]] == [3, 3]  # each model's own n, as it was given
@@ -84,6 +85,10 @@ def test_models_with_different_m_are_refused_with_the_reason(family, tmp_path):
     ({"merge_method": "nuslerp", "base_model": "x"}, "merge_method nuslerp is not supported"),
     ({"merge_method": "passthrough", "base_model": "x"}, "passthrough is not supported: it stacks layers"),
     ({"slices": [{"sources": []}], "merge_method": "linear"}, "layer slicing"),
+    ({"slices": [], "merge_method": "slerp"}, r"layer slicing .*; and merge_method slerp is not supported"),
+    ({"slices": [], "tokenizer": {}, "merge_method": "arcee_fusion"},  # every reason, one per line
+     r"config \S+: \n  - layer slicing .*\n  - the 'tokenizer:' section .*\n  - merge_method arcee_fusion "
+     r"is not supported: it fuses one model .* random sample"),
     ({"merge_method": "cabs", "base_model": "x", "models": ["a"], "parameters": {"density": 0.5}},
      "'density' in parameters does not apply to merge_method cabs"),
     ({"merge_method": "cabs", "base_model": "x", "models": [{"model": "a", "parameters": {"n": [1, 2]}}]},

@@ -146,7 +146,7 @@ def test_merged_folder_is_complete_for_transformers(llama, tmp_path, method, par
     card = Path(out, "README.md").read_text()
     assert card.startswith("---\n")
     front = yaml.safe_load(card.split("---\n")[1])
-    assert front == {"base_model": llama["base"], "tags": ["merge", "cabs-stream"], "library_name": "transformers"}
+    assert front == {"tags": ["merge", "cabs-stream"], "library_name": "transformers"}  # no Hub id among the inputs
 
 
 def test_tokenizer_source_copies_that_models_files(llama, tmp_path):

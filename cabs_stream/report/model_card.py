@@ -6,11 +6,13 @@ import yaml
 
 from .. import __version__
 from ..config import MergeConfig
+from ..io import hub
+from ..io.adapter import spec_paths
 
 
 def model_card(cfg: MergeConfig, report: dict, title: str) -> str:
-    """README.md of a merged folder: Hub front matter, the method, the recipe as runnable YAML,
-    and the report's density and overlap."""
+    """README.md of a merged folder: Hub front matter (``base_model``: the inputs given as Hub
+    ids), the method, the recipe as runnable YAML, and the report's density and overlap."""
     d = cfg.describe()
     recipe = {"merge_method": d["merge_method"], **({"base_model": d["base_model"]} if d["base_model"] else {}),
               "models": [{"model": m["model"], "parameters": {k: v for k, v in m.items() if k != "model"}}
@@ -19,7 +21,11 @@ def model_card(cfg: MergeConfig, report: dict, title: str) -> str:
               **({"dtype": {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}[d["dtype"]]} if d["dtype"] else {}),
               **({"tokenizer_source": d["tokenizer_source"]} if d["tokenizer_source"] else {}),
               **({"exclude": d["exclude"]} if d["exclude"] else {})}
-    front = {"base_model": d["base_model"] or [m["model"] for m in d["models"]], "tags": ["merge", "cabs-stream"], "library_name": "transformers"}
+    # the Hub takes model ids there, not local paths: the inputs given as ids, base first (as mergekit)
+    ids = list(dict.fromkeys(p for spec in [d["base_model"] or "", *(m["model"] for m in d["models"])]
+                             for p in spec_paths(spec) if hub.is_hub_id(p)))
+    front = {**({"base_model": ids[0] if len(ids) == 1 else ids} if ids else {}), "tags": ["merge", "cabs-stream"],
+             "library_name": "transformers"}
     k = len(report["models"])
     pairs = [f"{report['models'][i]} / {report['models'][j]}: {report['overlap'][i][j]:.4f}"
              for i in range(k) for j in range(k) if i != j and report["overlap"][i][j] is not None]
