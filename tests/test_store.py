@@ -48,6 +48,23 @@ def test_merge_from_store_equals_a_fresh_merge(family, tmp_path, method):
     assert listed == own and f"{name}/mask" in listed
 
 
+def test_a_store_of_an_earlier_version_still_merges(family, tmp_path):
+    """Stores written before consolidated metadata and per-model n (attrs nm = [n, m]) read
+    through each array's own zarr.json, and merge to the same bytes."""
+    store = str(tmp_path / "tv.zarr")
+    prune(cfg(family, "cabs"), store, chunk_size=64)
+    fresh = merge_from_store(store, str(tmp_path / "fresh"), weights=[1.1, 0.6, 1.3])
+    root = os.path.join(store, "zarr.json")
+    with open(root) as f:
+        doc = json.load(f)
+    assert doc.pop("consolidated_metadata")
+    doc["attributes"]["nm"] = [3, 8]  # the old shared-n form
+    with open(root, "w") as f:
+        json.dump(doc, f)
+    old = merge_from_store(store, str(tmp_path / "old"), weights=[1.1, 0.6, 1.3])
+    assert shard_bytes(old.out_dir) == shard_bytes(fresh.out_dir)
+
+
 def test_keep_task_vectors_with_a_merge(family, tmp_path):
     store = str(tmp_path / "tv.zarr")
     first = merge(cfg(family, "cabs"), str(tmp_path / "out"), keep_task_vectors=store, chunk_size=64)
