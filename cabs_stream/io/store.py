@@ -12,10 +12,11 @@ A Zarr v3 group (``STORE.zarr``), one subgroup per merged tensor:
 
 ``chunk_counts`` (one row per chunk, written as chunks finish, for resume) and ``counts`` (the
 same rows in one chunk, written once the prune is complete) hold the lambda-independent counts
-of the report. A complete store has its arrays' metadata consolidated into the root
-``zarr.json`` (``zarr.consolidate_metadata``; zarr opens it with one read). Chunks are those of the merge that wrote it (multiples of m). ``attrs`` hold the
+of the report. Chunks are those of the merge that wrote it (multiples of m). ``attrs`` hold the
 recipe (the configuration, without the weights that a later merge gives), the layout, and the
-identity of the base and every input, checked before a merge from the store.
+identity of the base and every input, checked before a merge from the store. A complete store
+has every array's metadata consolidated into the root ``zarr.json``
+(``zarr.consolidate_metadata``), so zarr opens them all with one read.
 """
 
 from __future__ import annotations
@@ -137,8 +138,8 @@ class TaskVectorStore(LazyGroup):
         (counts) or three per tensor (metadata)."""
         rows = np.asarray(rows, np.int64)
         self.group().create_array("counts", shape=rows.shape, chunks=rows.shape, dtype="int64", overwrite=True)[:] = rows
-        with warnings.catch_warnings():  # "not part of the Zarr v3 specification": readers without it read each array's
-            warnings.simplefilter("ignore")
+        with warnings.catch_warnings():  # "not part of the Zarr v3 specification": a reader
+            warnings.simplefilter("ignore")  # without it reads each array's own zarr.json
             zarr.consolidate_metadata(self.path)
 
     def known_counts(self, n_chunks: int) -> np.ndarray | None:
