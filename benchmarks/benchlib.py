@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import statistics
 import shutil
 import subprocess
 import sys
@@ -277,6 +278,32 @@ def io_floor(inputs: list[str], write_bytes: int, out_dir: str, cap: int) -> tup
     if not m.ok:
         raise RuntimeError(f"I/O floor run failed ({m.status}): {m.stderr[-2000:]}")
     return m, json.loads(m.stdout.strip().splitlines()[-1])
+
+
+def runs_table(rows: "dict[str, list[Measured]]") -> list[str]:
+    """A markdown table of interleaved runs: one line per kind, its median wall, every wall,
+    median CPU, the most other CPU seen meanwhile, and the peaks."""
+    lines = ["| run | wall (median) | runs | CPU user+sys (median) | other CPU meanwhile (max) | anon peak (max) "
+             "| max RSS (max) |", "|---|---|---|---|---|---|---|"]
+    for k, v in rows.items():
+        cpu = statistics.median(x.cpu_user + x.cpu_sys for x in v)
+        lines.append(f"| {k} | {statistics.median(x.wall for x in v):.1f} s | {', '.join(f'{x.wall:.1f}' for x in v)} "
+                     f"| {cpu:.1f} s | {max(x.other_cpu for x in v):.1f} s | {max(x.peak_anon for x in v) / 2**20:.0f} "
+                     f"MiB | {max(x.max_rss for x in v) / 2**20:.0f} MiB |")
+    return lines
+
+
+def save_runs(tag: str, text: str, doc: dict, rows: "dict[str, list[Measured]]") -> None:
+    """``results/<tag>.md`` (``text``) and ``results/<tag>.json`` (``doc`` with every run's wall,
+    CPU, other CPU and anon peak, and the machine)."""
+    res = os.path.join(HERE, "results")
+    with open(os.path.join(res, f"{tag}.md"), "w") as f:
+        f.write(text)
+    per = {"walls": "wall", "other_cpu": "other_cpu", "anon_peak": "peak_anon"}
+    with open(os.path.join(res, f"{tag}.json"), "w") as f:
+        json.dump({**doc, **{key: {k: [getattr(x, attr) for x in v] for k, v in rows.items()} for key, attr in per.items()},
+                   "cpu": {k: [x.cpu_user + x.cpu_sys for x in v] for k, v in rows.items()},
+                   "machine": machine_info()}, f, indent=2)
 
 
 def family_files(dirs: list[str]) -> list[str]:

@@ -102,13 +102,7 @@ def main() -> None:
         numel = json.load(f)["numel"]
     lines = [f"# LoRA bench: {a.family}, cap {bl.size_label(a.cap)}, CABS {a.n}:{a.m}, k={a.models} adapters of "
              f"rank {a.rank} ({len(targets)} targets, {sum(adapter_bytes) / 1e6:.0f} MB of factors)", "",
-             "| run | wall (median) | runs | CPU user+sys (median) | other CPU meanwhile (max) | anon peak (max) "
-             "| max RSS (max) |", "|---|---|---|---|---|---|---|"]
-    for k, v in rows.items():
-        cpu = statistics.median(x.cpu_user + x.cpu_sys for x in v)
-        lines.append(f"| {k} | {med[k]:.1f} s | {', '.join(f'{x.wall:.1f}' for x in v)} | {cpu:.1f} s | "
-                     f"{max(x.other_cpu for x in v):.1f} s | {max(x.peak_anon for x in v) / 2**20:.0f} MiB | "
-                     f"{max(x.max_rss for x in v) / 2**20:.0f} MiB |")
+             *bl.runs_table(rows)]
     lines += ["", f"- merged parameters: {numel / 1e9:.2f} B; floor = reading the base and the adapters and "
                   "writing an output-sized file",
               f"- LoRA merge / I/O floor: **{med['lora'] / med['floor']:.2f}x**"]
@@ -116,17 +110,9 @@ def main() -> None:
         lines.append(f"- LoRA merge / merge of {a.models} full fine-tunes: **{med['lora'] / med['full']:.2f}x**")
     text = "\n".join(lines) + "\n"
     print(text)
-    tag = a.tag or f"lora-{time.strftime('%Y%m%d-%H%M')}"
-    res = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
-    with open(os.path.join(res, f"{tag}.md"), "w") as f:
-        f.write(text)
-    with open(os.path.join(res, f"{tag}.json"), "w") as f:
-        json.dump({"family": a.family, "cap": a.cap, "n": a.n, "m": a.m, "rank": a.rank, "models": a.models,
-                   "targets": len(targets), "adapter_bytes": adapter_bytes, "numel": numel, "median": med,
-                   "walls": {k: [x.wall for x in v] for k, v in rows.items()},
-                   "cpu": {k: [x.cpu_user + x.cpu_sys for x in v] for k, v in rows.items()},
-                   "anon_peak": {k: [x.peak_anon for x in v] for k, v in rows.items()},
-                   "machine": bl.machine_info()}, f, indent=2)
+    bl.save_runs(a.tag or f"lora-{time.strftime('%Y%m%d-%H%M')}", text,
+                 {"family": a.family, "cap": a.cap, "n": a.n, "m": a.m, "rank": a.rank, "models": a.models,
+                  "targets": len(targets), "adapter_bytes": adapter_bytes, "numel": numel, "median": med}, rows)
     shutil.rmtree(root, ignore_errors=True)
 
 

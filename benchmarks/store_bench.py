@@ -110,13 +110,7 @@ def main() -> None:
         pass
     per_param = store_bytes / (numel * len(fts)) if numel else None
     lines = [f"# store bench: {a.family}, cap {bl.size_label(a.cap)}, CABS {a.n}:{a.m}, k={len(fts)}", "",
-             "| run | wall (median) | runs | CPU user+sys (median) | other CPU meanwhile (max) | anon peak (max) "
-             "| max RSS (max) |", "|---|---|---|---|---|---|---|"]
-    for k, v in rows.items():
-        cpu = statistics.median(x.cpu_user + x.cpu_sys for x in v)
-        lines.append(f"| {k} | {med[k]:.1f} s | {', '.join(f'{x.wall:.1f}' for x in v)} | {cpu:.1f} s | "
-                     f"{max(x.other_cpu for x in v):.1f} s | {max(x.peak_anon for x in v) / 2**20:.0f} MiB | "
-                     f"{max(x.max_rss for x in v) / 2**20:.0f} MiB |")
+             *bl.runs_table(rows)]
     lines.append(f"| sweep point | {med['sweep point']:.1f} s | {', '.join(f'{w:.1f}' for w in swept)} | | | | |")
     lines += ["", f"- prune (once): {prune.wall:.1f} s, anon peak {prune.peak_anon / 2**20:.0f} MiB",
               f"- one point from the store as its own process / full merge: **{med['point'] / med['merge']:.2f}x** "
@@ -127,18 +121,10 @@ def main() -> None:
                                                          else ""), f"- merged outputs written: {same}"]
     text = "\n".join(lines) + "\n"
     print(text)
-    tag = a.tag or f"store-{time.strftime('%Y%m%d-%H%M')}"
-    res = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
-    with open(os.path.join(res, f"{tag}.md"), "w") as f:
-        f.write(text)
-    with open(os.path.join(res, f"{tag}.json"), "w") as f:
-        json.dump({"family": a.family, "cap": a.cap, "n": a.n, "m": a.m, "prune_wall": prune.wall,
-                   "store_bytes": store_bytes, "bytes_per_param_per_model": per_param, "median": med,
-                   "walls": {**{k: [x.wall for x in v] for k, v in rows.items()}, "sweep point": swept},
-                   "cpu": {k: [x.cpu_user + x.cpu_sys for x in v] for k, v in rows.items()},
-                   "other_cpu": {k: [x.other_cpu for x in v] for k, v in rows.items()},
-                   "anon_peak": {k: [x.peak_anon for x in v] for k, v in rows.items()},
-                   "machine": bl.machine_info(), "params_metadata": params}, f, indent=2)
+    bl.save_runs(a.tag or f"store-{time.strftime('%Y%m%d-%H%M')}", text,
+                    {"family": a.family, "cap": a.cap, "n": a.n, "m": a.m, "prune_wall": prune.wall,
+                     "store_bytes": store_bytes, "bytes_per_param_per_model": per_param, "median": med,
+                     "sweep_point_walls": swept, "params_metadata": params}, rows)
     for out in (merged, point, store):
         shutil.rmtree(out, ignore_errors=True)
 

@@ -19,7 +19,7 @@ from .errors import CheckpointError, ConfigError
 from . import vocab
 from .io import adapter, hub
 from .io.checkpoint import Checkpoint, config_value, open_checkpoint
-from .io.lora import Derived
+from .io.inputs import Computed
 from .io.safetensors_format import TensorInfo, build_header
 
 DEFAULT_CHUNK = 1 << 22  # elements
@@ -47,7 +47,7 @@ class TensorJob:
     shape: tuple[int, ...]
     out_dtype: str
     base: TensorInfo
-    fts: tuple[TensorInfo | Derived, ...]  # empty for tensors copied from the base
+    fts: tuple[TensorInfo | Computed, ...]  # empty for tensors copied from the base
     shard: int
     out_start: int  # absolute byte offset in the output shard
     chunk: int  # elements per chunk of this tensor (the last one may be shorter)
@@ -143,9 +143,9 @@ def is_vocab_tensor(name: str, b: TensorInfo, rows: int | None) -> bool:
 
 def match_tensors(config: MergeConfig, base: Checkpoint, models: list[Checkpoint],
                   align: vocab.Alignment | None = None) \
-        -> tuple[list[tuple[str, TensorInfo, tuple[TensorInfo | Derived, ...]]], list[str]]:
+        -> tuple[list[tuple[str, TensorInfo, tuple[TensorInfo | Computed, ...]]], list[str]]:
     """Pair every base tensor with the fine-tuned ones (a LoRA model's target tensors and
-    recast stored tensors are ``lora.Derived``); raise on any mismatch. Vocabulary
+    recast stored tensors are ``inputs.Computed``); raise on any mismatch. Vocabulary
     tensors of fine-tunes with more rows than the base are cut to the base's rows (noted), or,
     with ``align``, every model's rows are aligned to the output vocabulary (vocab.py)."""
     out = []

@@ -31,6 +31,7 @@ import numpy as np
 from .codec import FLOAT_CODES, ITEMSIZE, decode, encode
 from .errors import ConfigError
 from .io.checkpoint import config_value
+from .io.inputs import Computed
 from .io.safetensors_format import TensorInfo
 
 NONE, DONOR, ZERO, AVERAGE = 0, 1, 2, 3  # default row of a participant that lacks the token
@@ -163,7 +164,7 @@ def promoted(dtypes: list[str]) -> str:
 
 
 @dataclass(eq=False)
-class RowsTensor:
+class RowsTensor(Computed):
     """One participant's view of a vocabulary tensor, its rows aligned to the output vocabulary."""
 
     name: str
@@ -179,10 +180,6 @@ class RowsTensor:
     @property
     def shape(self) -> tuple[int, ...]:
         return (self.align.size, *self.parts[0].shape[1:])
-
-    @property
-    def numel(self) -> int:
-        return self.align.size * self.cols
 
     @property
     def nbytes(self) -> int:

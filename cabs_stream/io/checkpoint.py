@@ -17,7 +17,7 @@ from ..errors import CheckpointError
 from .safetensors_format import TensorInfo, read_header
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .lora import Derived
+    from .inputs import Computed
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -76,12 +76,12 @@ def shard_names(weight_map: object, label: str, index: str) -> list[str]:
 @dataclass
 class Checkpoint:
     """One model: its label (the path the user gave), folder, files and tensors by name (a
-    LoRA model's are partly ``lora.Derived``: computed chunk by chunk)."""
+    LoRA model's are partly ``inputs.Computed``: computed chunk by chunk)."""
 
     label: str
     root: str  # folder holding config/tokenizer files ("" for a bare file)
     files: list[str]  # every file the model's identity covers (an adapter's config and weights too)
-    tensors: dict[str, "TensorInfo | Derived"] = field(repr=False)
+    tensors: dict[str, "TensorInfo | Computed"] = field(repr=False)
 
 
 def open_checkpoint(path: str, convert_dir: str | None = None) -> Checkpoint:

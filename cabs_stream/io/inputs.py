@@ -8,11 +8,12 @@ grows with the model. The maps belong to an ``InputMaps`` object that the run cl
 
 from __future__ import annotations
 
+import math
 import mmap
 import os
 import signal
 import threading
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -45,16 +46,38 @@ def thread_buffer(local: threading.local, name: str, shape: tuple[int, ...], dty
     return buf[:size].reshape(shape)
 
 
-#: A tensor computed chunk by chunk (``lora.Derived``, ``vocab.RowsTensor``): it has
-#: ``ranges(start, count)`` (the file ranges a chunk reads) and ``chunk_words(...)``.
-Computed = Any
+class Computed:
+    """A model tensor computed chunk by chunk from files rather than read from one (a LoRA
+    target, a recast tensor, vocabulary rows aligned by token). Read like a ``TensorInfo``
+    (``name``, ``dtype``, ``shape``, ``numel``, ``nbytes``, ``file``); a subclass gives
+    ``shape``, ``ranges`` and ``chunk_words``."""
+
+    name: str
+    dtype: str
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        raise NotImplementedError
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    def ranges(self, start: int, count: int) -> list[tuple[TensorInfo, int, int]]:
+        """The file ranges of the sources a chunk of elements reads (for read-ahead)."""
+        raise NotImplementedError
+
+    def chunk_words(self, start: int, count: int, words: Callable[[TensorInfo, int, int], np.ndarray],
+                    scratch: Callable[[str, tuple[int, ...], Any], np.ndarray], slot: int) -> np.ndarray:
+        """Raw words (in ``dtype``) of elements [start, start + count), in the thread's buffer ``slot``."""
+        raise NotImplementedError
 
 
 def _ranges(infos: tuple[TensorInfo | Computed, ...], start: int, count: int) \
         -> list[tuple[TensorInfo, int, int]]:
     """The file ranges a chunk of these tensors reads, once each (a computed tensor's: its sources)."""
-    out = [r for info in infos for r in ([(info, start, count)] if isinstance(info, TensorInfo)
-                                          else info.ranges(start, count))]
+    out = [r for info in infos for r in (info.ranges(start, count) if isinstance(info, Computed)
+                                          else [(info, start, count)])]
     return list(dict.fromkeys(out))
 
 
@@ -109,7 +132,7 @@ class InputMaps:
         """Read-only uint16 view of elements ``[start, start+count)`` (a copy only if misaligned);
         a computed tensor (a LoRA model's, or vocabulary rows aligned by token) fills the
         thread's buffer ``slot``."""
-        if not isinstance(info, TensorInfo):
+        if isinstance(info, Computed):
             return info.chunk_words(start, count, self.words, self.scratch, slot)
         a, b = byte_range(info, start, count)
         mm = self._map(info.file)

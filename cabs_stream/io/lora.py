@@ -7,8 +7,8 @@ factors the chunk needs, exactly as ``PeftModel.from_pretrained(...).merge_and_u
 computes them: the factors in float32, the product summed in rank order, scaled in
 float32, added to W in float32 and rounded once to the checkpoint's dtype. A ``CastTensor``
 is a tensor the adapter stores in another dtype than the checkpoint's, rounded to it as
-PEFT loads it. Both are read like a ``TensorInfo`` (``dtype``, ``shape``, ``file``,
-``nbytes``) and ``InputMaps.words`` delegates their chunks to ``chunk_words``.
+PEFT loads it. Both are ``inputs.Computed`` tensors: read like a ``TensorInfo``, and
+``InputMaps.words`` delegates their chunks to ``chunk_words``.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from numba import njit
 
 from ..codec import BF16, F16, FLOAT_CODES, ITEMSIZE, float_bits_to_bfloat, float_bits_to_half, \
     half_to_float_bits, load, store
+from .inputs import Computed
 from .safetensors_format import TensorInfo
 
 Words = Callable[[TensorInfo, int, int], np.ndarray]
@@ -28,10 +29,9 @@ Scratch = Callable[[str, tuple[int, ...], Any], np.ndarray]
 
 
 @dataclass(frozen=True)
-class LoraTensor:
+class LoraTensor(Computed):
     """A target weight of a LoRA model: ``under`` (W) plus ``scaling * B @ A`` (transposed:
-    ``(B @ A).T``), in ``dtype`` (the checkpoint's). Read like a ``TensorInfo`` (``dtype``,
-    ``shape``, ``file``, ``nbytes``); its words come from ``chunk_words``."""
+    ``(B @ A).T``), in ``dtype`` (the checkpoint's); its words come from ``chunk_words``."""
 
     name: str
     under: TensorInfo  # the checkpoint's weight, or the base layer the adapter saved
@@ -45,10 +45,6 @@ class LoraTensor:
     @property
     def shape(self) -> tuple[int, ...]:
         return self.under.shape
-
-    @property
-    def numel(self) -> int:
-        return self.under.numel
 
     @property
     def nbytes(self) -> int:
@@ -90,7 +86,7 @@ class LoraTensor:
 
 
 @dataclass(frozen=True)
-class CastTensor:
+class CastTensor(Computed):
     """A tensor the adapter stores in another dtype than the checkpoint's: PEFT loads it
     into the checkpoint's dtype (rounding to nearest even)."""
 
@@ -101,10 +97,6 @@ class CastTensor:
     @property
     def shape(self) -> tuple[int, ...]:
         return self.source.shape
-
-    @property
-    def numel(self) -> int:
-        return self.source.numel
 
     @property
     def nbytes(self) -> int:
@@ -123,8 +115,6 @@ class CastTensor:
         return read_only(out)
 
 
-#: A model tensor computed from its files chunk by chunk (``InputMaps.words`` delegates to it).
-Derived = LoraTensor | CastTensor
 
 
 # ------------------------------------------------------------------ a chunk's words
