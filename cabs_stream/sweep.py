@@ -152,7 +152,9 @@ class Sweep:
         name = "w_" + "_".join(f"{w:g}" for w in weights)
         folder = os.path.join(self.out_dir, "points", name)
         t0 = time.monotonic()
-        merge_from_store(self.store, folder, weights, overwrite=True, quiet=True,
+        if not self.quiet:  # then the merge's own progress (a bar on a terminal, else log lines)
+            print(f"cabs-stream sweep: merging {name} (point {len(self.points) + 1})", flush=True)
+        merge_from_store(self.store, folder, weights, overwrite=True, quiet=self.quiet,
                          **{k: v for k, v in self.engine.items() if k in ("workers", "scheduler")})
         score, error = None, None
         if self.evaluate is not None:

@@ -175,6 +175,11 @@ def test_sweep_cli_with_a_command_per_model_grid_and_failures(family, tmp_path):
     assert "exit code 3" in errors[(0.5, 0.5)] and "printed no number" in errors[(1.0, 0.5)]
     assert doc["best"]["weights"] == [1.0, 1.0] and doc["best"]["score"] == -0.5
     assert len(os.listdir(out / "points")) == 4  # keep all
+    r = CliRunner().invoke(cli, ["sweep", str(tmp_path / "c.yml"), str(tmp_path / "loud"), "--weights", "0.5:1.0:0.5",
+                                 "--eval", f"python {script} {{model}}"])
+    assert r.exit_code == 0, r.output  # without --quiet: the prune's progress, then each point's
+    assert "merging w_0.5_0.5 (point 1)" in r.output and "merging w_1_1 (point 2)" in r.output
+    assert r.output.count("cabs-stream: 100.0% read") == 3, r.output
     r = CliRunner().invoke(cli, ["sweep", str(tmp_path / "c.yml"), str(tmp_path / "x"), "--weights-per-model",
                                  "0:2:0.01", "--eval", "true {model}"])
     assert r.exit_code == 2 and "at most 400" in r.output
