@@ -42,6 +42,14 @@ def fam(tmp_path_factory):
                 f"ft{i}/" + k: v for i, f in enumerate(fts) for k, v in digest_tree(f).items()}}
 
 
+def default_signals() -> None:
+    """In the merge's child process: SIGINT and SIGTERM as in a terminal's foreground job. A
+    test run started in the background by a non-interactive shell ignores SIGINT, and a child
+    inherits an ignored signal, so the merge would never see the Ctrl-C this test sends."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 def cmd(fam, out, *extra):
     return [sys.executable, "-m", "cabs_stream_cli.main", "merge", "--base", fam["base"],
             "--model", fam["fts"][0], "--model", fam["fts"][1], "-o", out, "--chunk-size", "2048",
@@ -67,7 +75,7 @@ KILL_POINTS = [(signal.SIGKILL, 0), (signal.SIGKILL, 25), (signal.SIGKILL, 400),
 @pytest.mark.parametrize("sig, after", KILL_POINTS)
 def test_kill_and_resume_is_bit_identical(fam, tmp_path, sig, after):
     out = str(tmp_path / "out")
-    proc = subprocess.Popen(cmd(fam, out), stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd(fam, out), stderr=subprocess.PIPE, text=True, preexec_fn=default_signals)
     deadline = time.monotonic() + 120
     while done_chunks(out) < after and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.002)
