@@ -17,6 +17,7 @@ used instead (only /usr/bin/time's numbers are then available).
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import re
@@ -278,6 +279,17 @@ def io_floor(inputs: list[str], write_bytes: int, out_dir: str, cap: int) -> tup
     if not m.ok:
         raise RuntimeError(f"I/O floor run failed ({m.status}): {m.stderr[-2000:]}")
     return m, json.loads(m.stdout.strip().splitlines()[-1])
+
+
+def interleaved_options(p: argparse.ArgumentParser, family_help: str) -> None:
+    """The options of the interleaved CABS benches (store_bench.py, lora_bench.py)."""
+    p.add_argument("--family", required=True, help=family_help)
+    p.add_argument("--cap", type=parse_size, default=GiB)
+    p.add_argument("--n", type=int, default=64)
+    p.add_argument("--m", type=int, default=256)
+    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--out-root", default="/work/bench-data/out")
+    p.add_argument("--tag", default=None)
 
 
 def runs_table(rows: "dict[str, list[Measured]]") -> list[str]:

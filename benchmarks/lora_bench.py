@@ -61,15 +61,9 @@ def write_adapter(folder: str, base: str, targets: dict[str, tuple[int, int]], r
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--family", required=True, help="folder with base/ (and ft1..ftK/ for the full-merge baseline)")
+    bl.interleaved_options(p, "folder with base/ (and ft1..ftK/ for the full-merge baseline)")
     p.add_argument("--models", type=int, default=2, help="adapters K (default 2)")
     p.add_argument("--rank", type=int, default=16)
-    p.add_argument("--cap", type=bl.parse_size, default=bl.GiB)
-    p.add_argument("--n", type=int, default=64)
-    p.add_argument("--m", type=int, default=256)
-    p.add_argument("--repeat", type=int, default=3)
-    p.add_argument("--out-root", default="/work/bench-data/out")
-    p.add_argument("--tag", default=None)
     a = p.parse_args()
     base = os.path.join(a.family, "base")
     fts = sorted(os.path.join(a.family, d) for d in os.listdir(a.family) if d.startswith("ft"))[:a.models]

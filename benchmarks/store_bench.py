@@ -47,13 +47,7 @@ def sweep_points(store: str, out: str, points: int, k: int, weight: float) -> No
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--family", required=True, help="folder with base/ and ft1..ftK/")
-    p.add_argument("--cap", type=bl.parse_size, default=bl.GiB)
-    p.add_argument("--n", type=int, default=64)
-    p.add_argument("--m", type=int, default=256)
-    p.add_argument("--repeat", type=int, default=3)
-    p.add_argument("--out-root", default="/work/bench-data/out")
-    p.add_argument("--tag", default=None)
+    bl.interleaved_options(p, "folder with base/ and ft1..ftK/")
     p.add_argument("--points", type=int, default=4, help="points merged by the sweep process (the first untimed)")
     p.add_argument("--sweep-child", nargs=2, metavar=("STORE", "OUT"), help=argparse.SUPPRESS)
     a = p.parse_args()

@@ -89,13 +89,13 @@ def changed(path: str) -> CheckpointError:
 class InputMaps:
     """One read-only map per input file, opened on first use, all closed by ``close``. Before a
     chunk is read, its file is checked to still hold the mapped bytes (a file truncated under
-    a map would kill the process with SIGBUS on the next access). The words of a LoRA target
-    are computed into per-thread buffers of the run (``lora.LoraTensor.chunk_words``)."""
+    a map would kill the process with SIGBUS on the next access). The words of a ``Computed``
+    tensor are computed into per-thread buffers of the run (its ``chunk_words``)."""
 
     def __init__(self) -> None:
         self._maps: dict[str, tuple[mmap.mmap, int]] = {}
         self._lock = threading.Lock()
-        self._local = threading.local()  # per-thread buffers (LoRA words)
+        self._local = threading.local()  # per-thread buffers (computed tensors' words)
 
     def _map(self, path: str) -> mmap.mmap:
         entry = self._maps.get(path)

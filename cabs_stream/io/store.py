@@ -33,7 +33,6 @@ from numba import njit
 
 from ..codec import ITEMSIZE
 from ..errors import ConfigError
-from . import platform
 from ..report.counts import width as counts_width
 from ..run.workstate import LazyGroup, crc
 
@@ -263,19 +262,6 @@ class TaskVectorStore(LazyGroup):
         # read-only, as the mapped chunk files are: a chunk never written (all zeros) read into a
         # buffer beside a mapped one would give the kernels a tuple of two array types
         return masks, [_read_only(self._slice(name, array, a, b, scratch)) for array, a, b in values]
-
-    def prefetch(self, name: str, start: int, count: int, k: int, wpv: list[int]) -> None:
-        """Ask the OS to start reading the chunk files of a later chunk now (asynchronous)."""
-        for array, a, b in self._arrays_of(start, count, k, wpv):
-            for _, _, _, path in self._files(name, array, a, b)[1]:
-                try:
-                    fd = os.open(path, os.O_RDONLY)
-                except OSError:
-                    continue
-                try:
-                    platform.fadvise(fd, "WILLNEED")
-                finally:
-                    os.close(fd)
 
     def written_crc(self, tensor: Any, start: int, k: int) -> int:
         """The CRC of a chunk as stored (resume verification)."""

@@ -108,10 +108,6 @@ class FromStore(Method):
         p = c.prep
         k = c.k
         name = c.tensor.name
-        if c.index + 1 < len(run.plan.chunks):  # overlap I/O with compute: start reading the next chunk
-            nxt = run.plan.chunks[c.index + 1]
-            t = run.plan.tensors[nxt.tensor]
-            self.store.prefetch(t.name, nxt.start, nxt.count, k, self.wpv[t.name])
         masks, vals = self.store.read(name, c.start, c.count, k, self.wpv[name], c.scratch)
         if self.ns is not None:
             sum_nm(c.base, c.base_code, tuple(vals), self.codes[name], masks, p.weight, c.count, self.store.nm[1],
