@@ -30,7 +30,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from cabs_stream.methods import nm_kernel as kernels
-from cabs_stream.codec import BF16
+from cabs_stream.dtypes import BF16
 
 
 def to_bf16(x: np.ndarray) -> np.ndarray:

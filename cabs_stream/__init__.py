@@ -1,11 +1,36 @@
-"""cabs-stream: out-of-core CABS model merging on CPUs."""
+"""cabs-stream: out-of-core CABS model merging on CPUs.
 
-__version__ = "0.1.0"
+The public API is loaded on first use (``cabs_stream.merge`` imports the engine), so
+``import cabs_stream`` stays light: no Numba, Dask, Zarr or torch until a run needs them.
+"""
 
-from .config import MergeConfig, ModelSpec, build_config, load_config  # noqa: E402
-from .errors import CabsError, CheckpointError, ConfigError, OutputError  # noqa: E402
-from .pipeline import MergeResult, merge, merge_from_store, prune  # noqa: E402
-from .sweep import sweep  # noqa: E402
+from __future__ import annotations
 
-__all__ = ["merge", "prune", "merge_from_store", "sweep", "MergeResult", "MergeConfig", "ModelSpec", "build_config", "load_config",
-           "CabsError", "CheckpointError", "ConfigError", "OutputError", "__version__"]
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from ._version import __version__
+
+#: public name -> the module that defines it
+_API = {
+    "merge": "pipeline", "prune": "pipeline", "merge_from_store": "pipeline", "MergeResult": "pipeline",
+    "sweep": "sweep",
+    "MergeConfig": "config", "ModelSpec": "config", "build_config": "config", "load_config": "config",
+    "CabsError": "errors", "CheckpointError": "errors", "ConfigError": "errors", "OutputError": "errors",
+    "EngineOptions": "options", "SCHEDULERS": "options",
+}
+
+__all__ = [*_API, "__version__"]
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .config import MergeConfig, ModelSpec, build_config, load_config
+    from .errors import CabsError, CheckpointError, ConfigError, OutputError
+    from .options import SCHEDULERS, EngineOptions
+    from .pipeline import MergeResult, merge, merge_from_store, prune
+    from .sweep import sweep
+
+
+def __getattr__(name: str) -> Any:
+    if name in _API:
+        return getattr(importlib.import_module(f".{_API[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,7 +1,7 @@
-"""The dtype codec: safetensors dtype names, and raw bf16/fp16/fp32 words <-> float32.
+"""The dtype codec: raw bf16/fp16/fp32 words <-> float32 (Numba).
 
 Inputs are read as raw little-endian words viewed as ``uint16`` (an fp32 element is two
-words), so bf16 needs no torch and fp16/fp32 need no conversion pass. ``load`` and ``store``
+words), so bf16 needs no torch and fp16/fp32 need no conversion pass. ``load`` and ``put``
 are inlined into every Numba kernel; decoding is exact and encoding rounds to nearest even
 (NaN stays NaN). Plain-numpy references (``ml_dtypes``) are in ``tests/reference.py``.
 """
@@ -11,45 +11,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-#: Float codes understood by the kernels (raw words are decoded inside the kernels).
-F32, BF16, F16 = 0, 1, 2
-
-FLOAT_CODES = {"F32": F32, "BF16": BF16, "F16": F16}
-
-#: Bytes per element of every dtype the safetensors format defines.
-ITEMSIZE = {
-    "BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1,
-    "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
-    "I32": 4, "U32": 4, "F32": 4,
-    "I64": 8, "U64": 8, "F64": 8,
-}
-
-#: Dtypes copied from the base unchanged (integer buffers such as position ids).
-COPY_ONLY = {"BOOL", "U8", "I8", "I16", "U16", "I32", "U32", "I64", "U64"}
-
-#: User-facing spellings of output dtypes (mergekit style) -> safetensors names.
-DTYPE_ALIASES = {
-    "bfloat16": "BF16", "bf16": "BF16",
-    "float16": "F16", "fp16": "F16", "half": "F16",
-    "float32": "F32", "fp32": "F32", "float": "F32",
-}
-
-
-def is_mergeable(dtype: str) -> bool:
-    """True for the float dtypes cabs-stream merges (bf16, fp16, fp32)."""
-    return dtype in FLOAT_CODES
-
-
-def parse_dtype(name: str) -> str:
-    """Map a user spelling (``bfloat16``, ``fp16``, ``F32``...) to a safetensors float dtype."""
-    key = name.strip()
-    if key.upper() in FLOAT_CODES:
-        return key.upper()
-    try:
-        return DTYPE_ALIASES[key.lower()]
-    except KeyError:
-        raise ValueError(f"unsupported output dtype {name!r}; use bfloat16, float16 or float32") from None
-
+from .dtypes import BF16, F16, F32, FLOAT_CODES, ITEMSIZE  # noqa: F401 - the codes the kernels take
 
 _U16 = np.uint16
 _U32 = np.uint32
@@ -120,7 +82,7 @@ def float_bits_to_half(f):
 
 
 @njit(inline="always")
-def store(out, code, i, v):
+def put(out, code, i, v):
     """Write float32 ``v`` as element ``i`` of a raw word buffer holding ``code`` data."""
     bits = np.float32(v).view(_U32)
     if code == BF16:
@@ -145,7 +107,7 @@ def decode(words, code, count):
 def encode(values, code, out):
     """float32 array -> raw words of ``code`` data written into ``out``."""
     for i in range(values.shape[0]):
-        store(out, code, i, values[i])
+        put(out, code, i, values[i])
 
 
 @njit(nogil=True, cache=True)

@@ -16,7 +16,7 @@ from typing import Any, Iterable
 
 import yaml
 
-from .codec import parse_dtype
+from .dtypes import parse_dtype
 from .errors import ConfigError
 from .methods import registry
 from .methods.base import Method, Param
@@ -150,6 +150,15 @@ class MergeConfig:
             p = self.spec.param(name)
             v = p.default if p is not None else None
         return default if v is None else v
+
+    @property
+    def k(self) -> int:
+        """The number of fine-tuned models."""
+        return len(self.models)
+
+    @property
+    def model_paths(self) -> tuple[str, ...]:
+        return tuple(s.path for s in self.models)
 
     # conveniences for the n:m methods
     @property

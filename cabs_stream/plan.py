@@ -13,13 +13,15 @@ import os
 import warnings
 from dataclasses import dataclass
 
-from .codec import COPY_ONLY, FLOAT_CODES, ITEMSIZE, is_mergeable
+from .dtypes import COPY_ONLY, FLOAT_CODES, ITEMSIZE, is_mergeable
 from .config import MergeConfig, layer_index, parse_size
 from .errors import CheckpointError, ConfigError
-from . import vocab
+from .io import vocab
 from .io import adapter, hub
-from .io.checkpoint import Checkpoint, config_value, open_checkpoint
+from .io.checkpoint import Checkpoint, open_checkpoint
+from .io.model_files import config_value
 from .io.inputs import Computed
+from .layout import ChunkSpec, OutShard, TensorJob
 from .io.safetensors_format import TensorInfo, build_header
 
 DEFAULT_CHUNK = 1 << 22  # elements
@@ -39,45 +41,6 @@ def shard_bytes(size: int | str) -> int:
     return n
 
 
-@dataclass(frozen=True)
-class TensorJob:
-    """One output tensor: where its inputs are and where its bytes go."""
-
-    name: str
-    shape: tuple[int, ...]
-    out_dtype: str
-    base: TensorInfo
-    fts: tuple[TensorInfo | Computed, ...]  # empty for tensors copied from the base
-    shard: int
-    out_start: int  # absolute byte offset in the output shard
-    chunk: int  # elements per chunk of this tensor (the last one may be shorter)
-
-    @property
-    def numel(self) -> int:
-        return math.prod(self.shape)
-
-    @property
-    def merged(self) -> bool:
-        return bool(self.fts)
-
-
-@dataclass(frozen=True)
-class OutShard:
-    name: str
-    header: bytes
-    size: int
-
-
-@dataclass(frozen=True)
-class Chunk:
-    """Elements [start, start + count) of tensor ``tensor`` (start is a multiple of m)."""
-
-    tensor: int
-    start: int
-    count: int
-    ordinal: int  # position among the tensor's chunks
-
-
 @dataclass
 class Plan:
     config: MergeConfig
@@ -85,7 +48,7 @@ class Plan:
     models: list[Checkpoint]
     tensors: list[TensorJob]
     shards: list[OutShard]
-    chunks: list[Chunk]
+    chunks: list[ChunkSpec]
     chunk_size: int
     ignored: list[str]  # fine-tuned tensors the base lacks
     group: int  # chunk boundaries are multiples of this (m); the report's balance groups
@@ -291,7 +254,7 @@ def make_plan(config: MergeConfig, chunk_size: int, shard_size: int, convert_dir
             size += math.prod(shape) * ITEMSIZE[dtype]
         shards.append(OutShard(fname, header, size))
 
-    chunks = [Chunk(t, start, min(job.chunk, job.numel - start), start // job.chunk)
+    chunks = [ChunkSpec(t, start, min(job.chunk, job.numel - start), start // job.chunk)
               for t, job in enumerate(tensors) if job.merged
               for start in range(0, job.numel, job.chunk)]
     return Plan(config, base, models, tensors, shards, chunks, chunk_size, ignored, m, align)

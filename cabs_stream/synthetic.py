@@ -14,7 +14,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .codec import FLOAT_CODES, ITEMSIZE, encode
+from .dtypes import FLOAT_CODES, ITEMSIZE
+
+from .codec import encode
 from .io.checkpoint import INDEX_NAME
 from .io.safetensors_format import build_header
 

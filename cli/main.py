@@ -3,30 +3,20 @@
 from __future__ import annotations
 
 import os
-import sys
 import tempfile
 import time
-import warnings
 from dataclasses import replace
 
 import click
 
-from cabs_stream import __version__
+import cabs_stream
+from cabs_stream import SCHEDULERS, __version__
 from cabs_stream.config import build_config, load_config, parse_size
-from cabs_stream.errors import CabsError, ConfigError, cli_words
-from cabs_stream.pipeline import merge as run_merge
-from cabs_stream.pipeline import merge_from_store as run_from_store
-from cabs_stream.pipeline import prune as run_prune
+from cabs_stream.errors import CabsError, ConfigError
 from cabs_stream.methods import registry
 from cabs_stream.methods.base import Param
 
-
-def _fail(e: Exception) -> None:
-    """One line on stderr, exit code 2."""
-    if isinstance(e, OSError):
-        e = f"I/O error{' ' + str(e.filename) if e.filename else ''}: {e.strerror or e}"
-    click.echo("error: " + " ".join(cli_words(str(e)).split()), err=True)
-    sys.exit(2)
+from .common import cli_errors, fail, print_summary
 
 
 def _size(ctx, param, value):
@@ -49,7 +39,7 @@ def engine_options(f):
         click.option("--memory", default=None, metavar="SIZE", callback=_size,
                      help="Memory budget such as 1GiB or 800MB; sets the chunk size from the "
                           "worker count when --chunk-size is not given."),
-        click.option("--scheduler", type=click.Choice(["threads", "processes", "synchronous"]),
+        click.option("--scheduler", type=click.Choice(SCHEDULERS),
                      default="threads", show_default=True, help="Dask scheduler that runs the chunks."),
         click.option("--shard-size", default="5GB", show_default=True, metavar="SIZE",
                      help="Maximum size of an output safetensors shard."),
@@ -189,58 +179,35 @@ def merge_cmd(config, out_dir, output, method, base, models, weights, dtype, tok
         if given:
             raise click.UsageError(f"{given[0]} does not apply with --from (the store fixes the recipe and its "
                                    "chunking); give --weight values and engine options only")
-        try:
-            with warnings.catch_warnings(record=True) as notes:
-                warnings.simplefilter("always")
-                res = run_from_store(from_store, target, list(weights) or None, workers=workers,
-                                     scheduler=scheduler, shard_size=shard_size, overwrite=overwrite, quiet=quiet,
-                                     durable=durable)
-                _notes(notes)
-        except (CabsError, OSError) as e:
-            _fail(e)
+        with cli_errors():
+            res = cabs_stream.merge_from_store(from_store, target, list(weights) or None, workers=workers,
+                                               scheduler=scheduler, shard_size=shard_size, overwrite=overwrite,
+                                               quiet=quiet, durable=durable)
         if not quiet:
             print_summary(res.report, res.out_dir)
         return
-    try:
-        with warnings.catch_warnings(record=True) as notes:
-            warnings.simplefilter("always")
-            if config:
-                if base or models:
-                    raise click.UsageError("--base/--model cannot be combined with a CONFIG file")
-                k = len(load_config(config).models) if per_model else 0
-                cfg = load_config(config, method=method, dtype=dtype, tokenizer_source=tokenizer_source,
-                                  allow_missing=allow_missing or None, weights=list(weights) or None,
-                                  params=params or None, model_params=_per_model(per_model, k),
-                                  exclude=list(exclude) or None)
-            else:
-                if not models:
-                    raise click.UsageError("give a CONFIG file, or --base and at least one --model (linear "
-                                           "may leave out --base)")
-                cfg = build_config(method=method or "cabs", base=base, models=list(models), weights=list(weights),
-                                   dtype=dtype, tokenizer_source=tokenizer_source, allow_missing=allow_missing,
-                                   params=params, model_params=_per_model(per_model, len(models)),
-                                   exclude=list(exclude))
-            res = run_merge(cfg, target, chunk_size=chunk_size, workers=workers, memory=memory,
-                            scheduler=scheduler, shard_size=shard_size, overwrite=overwrite,
-                            save_masks=save_masks, allow_nonfinite=allow_nonfinite, quiet=quiet, durable=durable,
-                            keep_task_vectors=keep_task_vectors)
-            _notes(notes)
-    except (CabsError, OSError) as e:
-        _notes(notes)
-        _fail(e)
-    except KeyboardInterrupt:
-        click.echo("interrupted: nothing was written under the output name; rerun the same command "
-                   "to resume from the completed chunks", err=True)
-        sys.exit(130)
+    if config and (base or models):
+        raise click.UsageError("--base/--model cannot be combined with a CONFIG file")
+    if not config and not models:
+        raise click.UsageError("give a CONFIG file, or --base and at least one --model (linear may leave out --base)")
+    with cli_errors():
+        if config:
+            k = len(load_config(config).models) if per_model else 0
+            cfg = load_config(config, method=method, dtype=dtype, tokenizer_source=tokenizer_source,
+                              allow_missing=allow_missing or None, weights=list(weights) or None,
+                              params=params or None, model_params=_per_model(per_model, k),
+                              exclude=list(exclude) or None)
+        else:
+            cfg = build_config(method=method or "cabs", base=base, models=list(models), weights=list(weights),
+                               dtype=dtype, tokenizer_source=tokenizer_source, allow_missing=allow_missing,
+                               params=params, model_params=_per_model(per_model, len(models)),
+                               exclude=list(exclude))
+        res = cabs_stream.merge(cfg, target, chunk_size=chunk_size, workers=workers, memory=memory,
+                                scheduler=scheduler, shard_size=shard_size, overwrite=overwrite,
+                                save_masks=save_masks, allow_nonfinite=allow_nonfinite, quiet=quiet, durable=durable,
+                                keep_task_vectors=keep_task_vectors)
     if not quiet:
         print_summary(res.report, res.out_dir)
-
-
-def _notes(notes: list) -> None:
-    """Warnings raised during a run, one line each."""
-    for text in dict.fromkeys(str(w.message) for w in notes):
-        click.echo(f"note: {cli_words(text)}", err=True)
-    notes.clear()
 
 
 def _per_model(per_model: dict[str, list], k: int) -> list[dict] | None:
@@ -254,39 +221,13 @@ def _per_model(per_model: dict[str, list], k: int) -> list[dict] | None:
     return [{name: values[i] for name, values in per_model.items()} for i in range(k)]
 
 
-def print_summary(report: dict, out_dir: str) -> None:
-    """A few lines a person can read: where, how dense, every overlap pair, balance by tensor class."""
-    k = len(report["models"])
-    cfg = report["config"]
-    n = ",".join(map(str, cfg["n"])) if isinstance(cfg.get("n"), list) else cfg.get("n")
-    what = cfg["merge_method"] + (f" {n}:{cfg['m']} ({cfg['overlap']})" if "overlap" in cfg else "")
-    f = lambda x: "-" if x is None else f"{x:.3f}"  # noqa: E731
-    click.echo(f"merged {k} models into {out_dir} with {what}")
-    for i, name in enumerate(report["models"]):
-        click.echo(f"  {name}: weight {cfg['models'][i].get('weight', '-')}, density {report['density'][i]:.4f}, "
-                   f"kept-count CV over rows {f(report['cv_rows'][i])} / over groups {f(report['cv_groups'][i])}")
-    pairs = [f"{i + 1}|{j + 1} {report['overlap'][i][j]:.4f}" for i in range(k) for j in range(k)
-             if i != j and report["overlap"][i][j] is not None]
-    if pairs:
-        click.echo(f"  overlap |kept by i and j| / |kept by i| (models numbered as listed): {', '.join(pairs)}")
-    for cls, c in report.get("classes", {}).items():
-        click.echo(f"  {cls} ({c['tensors']} tensors): density {', '.join(f(x) for x in c['density'])}, of non-zero "
-                   f"entries {', '.join(f(x) for x in c['density_of_nonzero'])}; CV over groups "
-                   f"{', '.join(f(x) for x in c['cv_groups'])}")
-    sec = report["seconds"]
-    gb = (report["bytes_read"] + report["bytes_written"]) / 1e9
-    click.echo(f"  {report['numel'] / 1e6:.1f} M parameters, {gb:.2f} GB read+written in {sec['total']:.1f} s "
-               f"({gb / max(sec['merge'], 1e-9):.2f} GB/s while merging), peak RSS "
-               f"{report['peak_rss_bytes'] / 2**20:.0f} MiB")
-
-
 @main.command("prune")
 @click.argument("config", type=click.Path(dir_okay=False))
 @click.argument("store", type=click.Path(file_okay=False))
 @click.option("--chunk-size", type=int, default=None, metavar="ELEMENTS", help="Elements per chunk.")
 @click.option("--workers", type=int, default=None, metavar="N", help="Chunks processed in parallel.")
 @click.option("--memory", default=None, metavar="SIZE", callback=_size, help="Memory budget, e.g. 1GiB.")
-@click.option("--scheduler", type=click.Choice(["threads", "processes", "synchronous"]), default="threads",
+@click.option("--scheduler", type=click.Choice(SCHEDULERS), default="threads",
               show_default=True, help="Dask scheduler that runs the chunks.")
 @click.option("--overwrite", is_flag=True, help="Replace STORE if it exists (once the new one is complete).")
 @click.option("--allow-nonfinite", is_flag=True, help="Proceed even if a task vector holds NaN or Inf.")
@@ -297,14 +238,9 @@ def prune_cmd(config, store, chunk_size, workers, memory, scheduler, overwrite, 
     Then `cabs-stream merge --from STORE --weight ... OUT` merges any lambdas reading only the
     base and the store (bit-identical to a fresh merge), and `cabs-stream sweep` searches them.
     """
-    try:
-        with warnings.catch_warnings(record=True) as notes:
-            warnings.simplefilter("always")
-            res = run_prune(config, store, chunk_size=chunk_size, workers=workers, memory=memory,
-                            scheduler=scheduler, overwrite=overwrite, allow_nonfinite=allow_nonfinite, quiet=quiet)
-            _notes(notes)
-    except (CabsError, OSError) as e:
-        _fail(e)
+    with cli_errors():
+        res = cabs_stream.prune(config, store, chunk_size=chunk_size, workers=workers, memory=memory,
+                                scheduler=scheduler, overwrite=overwrite, allow_nonfinite=allow_nonfinite, quiet=quiet)
     if not quiet:
         size = sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(res.out_dir) for f in fs)
         k = len(res.report["models"])
@@ -365,18 +301,12 @@ def sweep_cmd(config, out_dir, weights, weights_per_model, max_points, eval_cmd,
     Results: OUT_DIR/sweep.json (every point; best.weights in the config's model order and
     best.score), sweep.csv and sweep.png. An interrupted sweep resumes at the first missing point.
     """
-    from cabs_stream.sweep import sweep as run_sweep
-    try:
-        with warnings.catch_warnings(record=True) as notes:
-            warnings.simplefilter("always")
-            doc = run_sweep(config, out_dir, weights=weights, weights_per_model=list(weights_per_model) or None,
-                            evaluate=eval_cmd, minimize=minimize, keep=keep, refine=refine, search=search,
-                            trials=trials, search_range=search_range, sampler=sampler, seed=seed,
-                            max_points=max_points, quiet=quiet, chunk_size=chunk_size, workers=workers,
-                            memory=memory)
-            _notes(notes)
-    except (CabsError, OSError) as e:
-        _fail(e)
+    with cli_errors("the points merged so far are kept; rerun the same command to resume the sweep"):
+        doc = cabs_stream.sweep(config, out_dir, weights=weights, weights_per_model=list(weights_per_model) or None,
+                                evaluate=eval_cmd, minimize=minimize, keep=keep, refine=refine, search=search,
+                                trials=trials, search_range=search_range, sampler=sampler, seed=seed,
+                                max_points=max_points, quiet=quiet, chunk_size=chunk_size, workers=workers,
+                                memory=memory)
     best = doc["best"]
     failed = sum(1 for p in doc["points"] if p["error"])
     click.echo(f"{len(doc['points'])} points" + (f" ({failed} failed)" if failed else "")
@@ -405,13 +335,11 @@ def analyze_cmd(config, out, methods, sparsities, tensor, no_plots, chunk_size, 
     run at every sparsity on the streaming engine and the results go to OUTPUT/analysis.json
     with the plots overlap_vs_sparsity.png, density_heatmap.png and per_layer_kept.png.
     """
-    from cabs_stream.report.analyze import analyze
+    from cabs_stream.analyze import analyze
 
-    try:
+    with cli_errors("no analysis was written; rerun the same command"):
         res = analyze(load_config(config), out, list(methods), list(sparsities), tensor=tensor,
                       plots=not no_plots, chunk_size=chunk_size, workers=workers, memory=memory, quiet=quiet)
-    except (CabsError, OSError) as e:
-        _fail(e)
     if not quiet:
         k = len(res["models"])
         pairs = [(i, j) for i in range(k) for j in range(k) if i != j]
@@ -447,11 +375,9 @@ def demo_cmd(out, k, quiet) -> None:
     if not quiet:
         click.echo(f"generated base + {k} fine-tuned models ({shape.params / 1e6:.1f} M parameters, bf16) "
                    f"in {root}/family ({time.monotonic() - t0:.1f} s)")
-    try:
+    with cli_errors():
         cfg = build_config(method="cabs", base=base, models=fts, weights=[1.0] * k, n=64, m=256)
-        res = run_merge(cfg, os.path.join(root, "merged"), overwrite=True, shard_size="4MB", quiet=True)
-    except CabsError as e:
-        _fail(e)
+        res = cabs_stream.merge(cfg, os.path.join(root, "merged"), overwrite=True, shard_size="4MB", quiet=True)
     if quiet:
         click.echo(res.out_dir)
     else:

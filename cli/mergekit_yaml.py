@@ -9,14 +9,14 @@ thread and write options) are accepted with a one-line note each, never silently
 from __future__ import annotations
 
 import re
-import sys
-import warnings
 
 import click
 
+import cabs_stream
 from cabs_stream.config import load_config
-from cabs_stream.errors import CabsError, ConfigError, cli_words
-from cabs_stream.pipeline import merge as run_merge
+from cabs_stream.errors import ConfigError
+
+from .common import cli_errors, print_summary
 
 _NO_MEANING = {
     "allow_crimes": "--allow-crimes: architectures are not checked by name here; tensors must match by name and shape",
@@ -104,28 +104,20 @@ def main(config, out_path, copy_tokenizer, out_shard_size, write_model_card, ran
         note("--lora-merge-cache: adapters are applied chunk by chunk during the merge, no merged copy is cached")
     if lora_merge_dtype is not None:
         note("--lora-merge-dtype: an adapter is merged in the dtype of the checkpoint it applies to, as PEFT does")
-    try:
+    with cli_errors():
         if unsafe_truncate_embeddings:
             raise ConfigError("--unsafe-truncate-embeddings is not supported: vocabularies must match the base's")
-        with warnings.catch_warnings(record=True) as notes:
-            warnings.simplefilter("always")
-            cfg = load_config(config)
-            if random_seed is not None:
-                if cfg.spec.param("random_seed") is None:
-                    note("--random-seed: this recipe's method has no randomness")
-                else:
-                    cfg = load_config(config, params={"random_seed": random_seed})
-            itemsize = 4 if cfg.dtype == "F32" else 2
-            res = run_merge(cfg, out_path, shard_size=parameters(out_shard_size) * itemsize, overwrite=True,
-                            quiet=quiet, workers=num_threads, memory=memory, copy_tokenizer=copy_tokenizer,
-                            model_card=write_model_card)
-        for text in dict.fromkeys(str(w.message) for w in notes):
-            click.echo(f"note: {text}", err=True)
-    except (CabsError, OSError) as e:
-        click.echo("error: " + " ".join(cli_words(str(e)).split()), err=True)
-        sys.exit(2)
+        cfg = load_config(config)
+        if random_seed is not None:
+            if cfg.spec.param("random_seed") is None:
+                note("--random-seed: this recipe's method has no randomness")
+            else:
+                cfg = load_config(config, params={"random_seed": random_seed})
+        itemsize = 4 if cfg.dtype == "F32" else 2
+        res = cabs_stream.merge(cfg, out_path, shard_size=parameters(out_shard_size) * itemsize, overwrite=True,
+                                quiet=quiet, workers=num_threads, memory=memory, copy_tokenizer=copy_tokenizer,
+                                model_card=write_model_card)
     if not quiet:
-        from cabs_stream_cli.main import print_summary
         print_summary(res.report, res.out_dir)
 
 

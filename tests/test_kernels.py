@@ -9,7 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from cabs_stream import codec
-from cabs_stream.codec import FLOAT_CODES
+from cabs_stream.dtypes import FLOAT_CODES
 from cabs_stream.methods import nm_kernel as K
 from reference import decode_ref, encode_ref, merge_ref, nm_masks_ref, tail_quota, top_q
 

@@ -10,7 +10,8 @@ from hypothesis import strategies as st
 from cabs_stream import thresholds
 from cabs_stream.methods import gta_kernels as GK
 from cabs_stream.methods import model_stock as MS
-from cabs_stream.methods import sce as SCE
+from cabs_stream.methods import sce_kernels as SCE
+from cabs_stream.methods import stock_kernels as MSK
 from reference import (band_counts, combine_methods_ref, della_ref, model_stock_ref, select_ref, sequential_sum,
                        top_count, top_q, uniform_ref, variance_ref)
 
@@ -220,10 +221,10 @@ def test_model_stock_kernels_match_reference(tv, data):
     c = cols if per_row else size
     dots = np.zeros((size // c, k, k), np.float64)
     for a, b in _random_cuts(data.draw, size):  # any chunking gives the same sums
-        MS.dot_products(np.ascontiguousarray(taus[:, a:b]), a, c, per_row, dots)
+        MSK.dot_products(np.ascontiguousarray(taus[:, a:b]), a, c, per_row, dots)
     t = MS.ratio(dots)
     out = np.zeros(2 * size, np.uint16)
-    MS.interpolate(base, ws, t, 0, c, per_row, size, out, 0, np.zeros((k, -(-size // 8)), np.uint8),
+    MSK.interpolate(base, ws, t, 0, c, per_row, size, out, 0, np.zeros((k, -(-size // 8)), np.uint8),
                    np.zeros(3 * k + k * k, np.int64))
     want = model_stock_ref(base, list(ws), c if per_row else None)
     assert np.array_equal(out.view(np.float32).view(np.uint32), want.view(np.uint32))

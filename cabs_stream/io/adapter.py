@@ -18,10 +18,11 @@ import re
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
-from ..codec import FLOAT_CODES
+from ..dtypes import FLOAT_CODES
 from ..errors import CheckpointError, ConfigError
 from . import hub
-from .checkpoint import Checkpoint, load_json
+from .checkpoint import Checkpoint
+from .model_files import load_json
 from .lora import CastTensor, LoraTensor
 from .safetensors_format import TensorInfo, read_header
 

@@ -17,7 +17,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from ..codec import ITEMSIZE
+from ..dtypes import ITEMSIZE
 from ..errors import CheckpointError
 from . import platform
 from .platform import fcntl

@@ -19,8 +19,9 @@ from typing import Any, Callable
 import numpy as np
 from numba import njit
 
-from ..codec import BF16, F16, FLOAT_CODES, ITEMSIZE, float_bits_to_bfloat, float_bits_to_half, \
-    half_to_float_bits, load, store
+from ..dtypes import BF16, F16, FLOAT_CODES, ITEMSIZE
+
+from ..codec import float_bits_to_bfloat, float_bits_to_half, half_to_float_bits, load, put
 from .inputs import Computed
 from .safetensors_format import TensorInfo
 
@@ -156,18 +157,18 @@ def merge_rows(under, under_code, left, right, scale, offset, count, acc, out, c
         n = min(cols - c0, count - j)
         if under_code == code:
             for i in range(n):
-                store(out, code, j + i, load(under, code, j + i) + np.float32(acc[c0 + i] * scale))
+                put(out, code, j + i, load(under, code, j + i) + np.float32(acc[c0 + i] * scale))
         else:
             for i in range(n):
                 w = round_to(load(under, under_code, j + i), code)
-                store(out, code, j + i, w + np.float32(acc[c0 + i] * scale))
+                put(out, code, j + i, w + np.float32(acc[c0 + i] * scale))
         j += n
 
 
 @njit(nogil=True, cache=True)
 def cast(words, code, count, out, out_code):
     for j in range(count):
-        store(out, out_code, j, load(words, code, j))
+        put(out, out_code, j, load(words, code, j))
 
 
 def read_only(words: np.ndarray) -> np.ndarray:

@@ -1,4 +1,5 @@
-"""The output folder: written under a temporary name, renamed into place only when complete.
+"""The output folder: written under a temporary name, renamed into place only when complete
+(``finish.py`` completes it: index, configs, tokenizer, reports).
 
 Layout while running: ``<parent>/.<name>.cabs-partial/`` holding ``lock`` (held by the run
 that writes there), ``model/`` (the future output: preallocated shards with their final
@@ -18,13 +19,12 @@ import shutil
 import stat
 import threading
 import time
+from typing import Callable, Protocol, Sequence
 
 from ..errors import OutputError
-from ..plan import Plan
 from . import hub, platform
 from .adapter import spec_paths
 from .platform import NOFOLLOW
-from .checkpoint import INDEX_NAME
 
 CONFIG_FILES = ("config.json", "generation_config.json")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
@@ -32,7 +32,6 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "chat_template.json", "spiece.model",
                    # transformers saves named chat templates other than the default one there
                    "additional_chat_templates/*.jinja")
-_TORCH_NAMES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}
 
 
 def _user_key() -> bytes:
@@ -221,20 +220,33 @@ class ShardFiles:
         self.__init__(state["paths"])
 
 
-def preallocate(plan: Plan, model_dir: str, resume: bool, keep: tuple[str, ...] = ()) -> list[str]:
+class ShardLayout(Protocol):
+    """An output shard as the plan lays it out (``layout.OutShard`` is one)."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def header(self) -> bytes: ...
+
+    @property
+    def size(self) -> int: ...
+
+
+def preallocate(shards: Sequence[ShardLayout], model_dir: str, resume: bool, keep: tuple[str, ...] = ()) -> list[str]:
     """Create every output shard at its final size with its header. When resuming, shards of
     the right size are kept (their chunks are verified before reuse) and anything else in the
     folder but ``keep`` is removed; otherwise the folder starts empty."""
     if not resume:
         shutil.rmtree(model_dir, ignore_errors=True)
     os.makedirs(model_dir, exist_ok=True)
-    wanted = {s.name for s in plan.shards} | set(keep)
+    wanted = {s.name for s in shards} | set(keep)
     for name in os.listdir(model_dir):
         if name not in wanted:
             p = os.path.join(model_dir, name)
             shutil.rmtree(p) if os.path.isdir(p) and not os.path.islink(p) else os.remove(p)
     paths = []
-    for shard in plan.shards:
+    for shard in shards:
         path = os.path.join(model_dir, shard.name)
         if not (resume and os.path.exists(path) and os.path.getsize(path) == shard.size):
             with open(path, "wb") as f:
@@ -257,7 +269,7 @@ def check_tokenizer_source(path: str) -> None:
         raise OutputError(f"tokenizer_source {path} holds no tokenizer file (looked for {', '.join(TOKENIZER_FILES)})")
 
 
-def _copy_file(src_dir: str, name: str, dst_dir: str) -> bool:
+def copy_file(src_dir: str, name: str, dst_dir: str) -> bool:
     """Copy ``src_dir/name`` into ``dst_dir`` if it is a file; ``folder/*.ext`` copies the
     folder's files of that extension into ``dst_dir/folder``. True if anything was copied."""
     folder, _, pattern = name.rpartition("/")
@@ -268,7 +280,7 @@ def _copy_file(src_dir: str, name: str, dst_dir: str) -> bool:
         for n in names:
             if os.path.isfile(os.path.join(src, n)):
                 os.makedirs(os.path.join(dst_dir, folder), exist_ok=True)
-                copied |= _copy_file(src, n, os.path.join(dst_dir, folder))
+                copied |= copy_file(src, n, os.path.join(dst_dir, folder))
         return copied
     src = os.path.join(src_dir, name)
     if src_dir and os.path.isfile(src):
@@ -277,42 +289,7 @@ def _copy_file(src_dir: str, name: str, dst_dir: str) -> bool:
     return False
 
 
-def finish(plan: Plan, model_dir: str, out_dir: str, extra_json: dict[str, object], overwrite: bool,
-           before_rename=lambda: None, copy_tokenizer: bool = True) -> None:
-    """Write index, configs, tokenizer and JSON files, flush, and move the folder into place
-    (``before_rename`` runs once the folder is complete: the work state is dropped there, so
-    nothing of this run can be resumed against the finished output)."""
-    weight_map = {t.name: plan.shards[t.shard].name for t in plan.tensors}
-    total = sum(s.size - len(s.header) for s in plan.shards)
-    _write_json(os.path.join(model_dir, INDEX_NAME), {"metadata": {"total_size": total}, "weight_map": weight_map})
-
-    base_root = plan.base.root
-    for name in CONFIG_FILES:
-        _copy_file(base_root, name, model_dir)
-    cfg_path = os.path.join(model_dir, "config.json")
-    if (plan.config.dtype or plan.vocab) and os.path.exists(cfg_path):
-        with open(cfg_path, encoding="utf-8") as f:
-            cfg = json.load(f)
-        if plan.config.dtype:
-            cfg["torch_dtype"] = _TORCH_NAMES[plan.config.dtype]
-            if "dtype" in cfg:
-                cfg["dtype"] = cfg["torch_dtype"]
-        if plan.vocab:  # the output's vocabulary (tokenizer_source union or a model)
-            cfg["vocab_size"] = plan.vocab.size
-        _write_json(cfg_path, cfg)
-    tok = plan.config.tokenizer_source
-    if copy_tokenizer and plan.vocab is not None and plan.vocab.tokenizer is not None:
-        plan.vocab.tokenizer.save_pretrained(model_dir)  # the union, as mergekit writes it
-    elif copy_tokenizer:
-        tok_root = os.path.abspath(hub.local_path(tok)) if tok and tok != "union" else base_root
-        for name in TOKENIZER_FILES:
-            _copy_file(tok_root, name, model_dir)
-    for name, obj in extra_json.items():
-        _write_json(os.path.join(model_dir, name), obj)
-    move_into_place(model_dir, out_dir, overwrite, before_rename)
-
-
-def move_into_place(model_dir: str, out_dir: str, overwrite: bool, before_rename=lambda: None,
+def move_into_place(model_dir: str, out_dir: str, overwrite: bool, before_rename: Callable[[], None] = lambda: None,
                     remove_work: bool = True) -> None:
     """Flush a complete folder and rename it to ``out_dir`` (replacing it with ``overwrite``);
     the work folder around it is removed (unless ``remove_work``: more is still to come)."""
@@ -342,7 +319,7 @@ def flush(model_dir: str) -> None:
                 os.close(fd)
 
 
-def _write_json(path: str, obj: object) -> None:
+def write_json(path: str, obj: object) -> None:
     with open(path, "w", encoding="utf-8") as f:
         json.dump(obj, f, indent=2)
         f.write("\n")

@@ -15,7 +15,7 @@ import stat
 import struct
 from dataclasses import dataclass
 
-from ..codec import ITEMSIZE
+from ..dtypes import ITEMSIZE
 from ..errors import CheckpointError
 
 #: Same cap as the reference implementation: larger headers are refused.

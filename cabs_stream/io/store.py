@@ -25,18 +25,40 @@ import math
 import mmap
 import os
 import warnings
-from typing import Any
+from typing import Any, Callable, Protocol, Sequence
 
 import numpy as np
 import zarr
 from numba import njit
 
-from ..codec import ITEMSIZE
+from ..dtypes import ITEMSIZE
 from ..errors import ConfigError
-from ..report.counts import width as counts_width
-from ..run.workstate import LazyGroup, crc
+from ..stats import width as counts_width
+from .checksum import combine, crc
+from .workstate import LazyGroup
 
 FORMAT = "cabs-stream task-vector store 1"
+
+
+class HasDtype(Protocol):
+    @property
+    def dtype(self) -> str: ...
+
+
+class StoredTensor(Protocol):
+    """What the store needs of a tensor (``layout.TensorJob`` is one)."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def numel(self) -> int: ...
+
+    @property
+    def chunk(self) -> int: ...
+
+    @property
+    def fts(self) -> Sequence[HasDtype]: ...
 
 
 @njit(nogil=True, cache=True)
@@ -89,9 +111,10 @@ class TaskVectorStore(LazyGroup):
         self._arrays = {}
 
     @classmethod
-    def create(cls, path: str, plan: Any, attrs: dict, nm: tuple[tuple[int, ...], int] | None,
-               keep: bool) -> "TaskVectorStore":
-        """Create the arrays of every merged tensor (or reopen them when resuming the same run)."""
+    def create(cls, path: str, tensors: Sequence[StoredTensor], n_chunks: int, k: int, attrs: dict,
+               nm: tuple[tuple[int, ...], int] | None, keep: bool) -> "TaskVectorStore":
+        """Create the arrays of ``tensors`` (those merged) for ``n_chunks`` chunks of ``k``
+        models (or reopen them when resuming the same run)."""
         if keep:
             try:
                 g = zarr.open_group(path, mode="r+")
@@ -100,13 +123,10 @@ class TaskVectorStore(LazyGroup):
             except Exception:  # noqa: BLE001 - unreadable: recreated, every chunk redone
                 pass
         g = zarr.open_group(path, mode="w")
-        k = len(plan.models)
         width = counts_width(k)
-        g.create_array("chunk_counts", shape=(max(len(plan.chunks), 1), width), chunks=(1, width), dtype="int64",
+        g.create_array("chunk_counts", shape=(max(n_chunks, 1), width), chunks=(1, width), dtype="int64",
                        fill_value=-1, compressors=None)
-        for t in plan.tensors:
-            if not t.merged:
-                continue
+        for t in tensors:
             tg = g.create_group(t.name)
             nbytes = -(-t.numel // 8)
             tg.create_array("mask", shape=(k, nbytes), chunks=(k, max(min(t.chunk // 8, nbytes), 1)), dtype="uint8",
@@ -153,29 +173,37 @@ class TaskVectorStore(LazyGroup):
         c = self._counts
         return c if c.shape[0] == n_chunks and (c[:, 0] >= 0).all() else None
 
-    def write_nm(self, tensor: Any, start: int, fts: tuple[np.ndarray, ...], masks: np.ndarray) -> int:
+    def write_nm(self, tensor: StoredTensor, start: int, fts: tuple[np.ndarray, ...], masks: np.ndarray) -> int:
         """Compact layout: pack each model's kept raw words; returns the CRC of what was written."""
+        assert self.nm is not None
         ns, m = self.nm
         count = self._count(tensor, start)
         self.array(tensor.name, "mask")[:, start // 8: start // 8 + masks.shape[1]] = masks
-        c = crc(masks)
+        packed = []
         for i, (words, f) in enumerate(zip(fts, tensor.fts)):
             n, wpv = ns[i], ITEMSIZE[f.dtype] // 2
             out = np.empty(-(-count // m) * n * wpv, np.uint16)
             pack_nm(words, wpv, masks[i], count, m, n, out)
             o = start // m * n * wpv
             self.array(tensor.name, f"values_{i}")[o:o + len(out)] = out
-            c = crc(out) ^ (c * 31 + i) & 0xFFFFFFFF
-        return c
+            packed.append(out)
+        return self._crc(masks, packed)
 
-    def write_dense(self, tensor: Any, start: int, vals: np.ndarray, keep: np.ndarray, masks: np.ndarray) -> int:
+    def write_dense(self, tensor: StoredTensor, start: int, vals: np.ndarray, keep: np.ndarray,
+                    masks: np.ndarray) -> int:
         """Dense layout: kept values (float32), 0 elsewhere; returns the CRC of what was written."""
         dense = np.where(keep.astype(bool), vals, np.float32(0)).astype(np.float32)
         self.array(tensor.name, "mask")[:, start // 8: start // 8 + masks.shape[1]] = masks
         self.array(tensor.name, "values")[:, start:start + dense.shape[1]] = dense
-        return crc(masks) ^ crc(dense)
+        return self._crc(masks, [dense])
 
-    def _count(self, tensor: Any, start: int) -> int:
+    def _crc(self, masks: np.ndarray, values: list[np.ndarray]) -> int:
+        """The CRC of a chunk's record in the store (when written, and when verified)."""
+        if self.nm is None:
+            return crc(masks) ^ crc(values[0])
+        return combine(crc(masks), values)
+
+    def _count(self, tensor: StoredTensor, start: int) -> int:
         return min(tensor.chunk, tensor.numel - start)
 
     # ------------------------------------------------------------------ reading (merge --from)
@@ -263,16 +291,11 @@ class TaskVectorStore(LazyGroup):
         # buffer beside a mapped one would give the kernels a tuple of two array types
         return masks, [_read_only(self._slice(name, array, a, b, scratch)) for array, a, b in values]
 
-    def written_crc(self, tensor: Any, start: int, k: int) -> int:
+    def written_crc(self, tensor: StoredTensor, start: int, k: int) -> int:
         """The CRC of a chunk as stored (resume verification)."""
         count = self._count(tensor, start)
         masks, vals = self.read(tensor.name, start, count, k, [ITEMSIZE[f.dtype] // 2 for f in tensor.fts])
-        if self.nm is None:
-            return crc(masks) ^ crc(vals[0])
-        c = crc(masks)
-        for i, v in enumerate(vals):
-            c = crc(v) ^ (c * 31 + i) & 0xFFFFFFFF
-        return c
+        return self._crc(masks, vals)
 
 
 def _read_only(a: np.ndarray) -> np.ndarray:

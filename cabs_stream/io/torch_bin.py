@@ -12,6 +12,7 @@ import hashlib
 import os
 
 from ..errors import CheckpointError
+from .model_files import load_json, regular_file, shard_names
 from .safetensors_format import build_header
 
 BIN_INDEX = "pytorch_model.bin.index.json"
@@ -20,7 +21,6 @@ BIN_SUFFIXES = (".bin", ".pt", ".pth")
 
 def bin_files(path: str, label: str) -> list[str] | None:
     """The .bin files of a checkpoint, or None if it is not a .bin checkpoint."""
-    from .checkpoint import load_json, regular_file, shard_names
     if os.path.isfile(path):
         return [path] if path.endswith(BIN_SUFFIXES) else None
     index = os.path.join(path, BIN_INDEX)

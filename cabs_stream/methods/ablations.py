@@ -11,21 +11,15 @@ entries run out. Both combine with the weighted sum (no normalize, lambda 1).
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
-from .. import thresholds
-from . import gta_kernels as GK
-from . import nm_kernel
-from .base import DENSITY, SEED, WEIGHT, Chunk, Method, Needs, Param, top_count, weights
+from ..layout import TensorJob
+from .base import (DENSITY, SEED, WEIGHT, ChunkData, ChunkSource, Method, Needs, Param, ParamValues, top_count,
+                   weights)
 from .cabs import M, N, ORDER, SPARSITY, describe_nm, quotas, resolve_model_nm, resolve_nm
-from .gta import GTA, GTAParams, chunk_thresholds, tau_keys
-
-if TYPE_CHECKING:  # pragma: no cover
-    from ..config import MergeConfig
-    from ..plan import TensorJob
-    from ..run.context import RunContext
+from .gta import GTA, GTAParams, chunk_thresholds
 
 SELECTION = Param("selection", "choice", "magnitude", "ca_only: how each model selects among the free positions",
                   choices=("magnitude", "random"))
@@ -43,7 +37,6 @@ class BSOnly(Method):
     summary = "ablation: n:m on each task vector alone, no conflict awareness"
     paper = "https://arxiv.org/abs/2503.01874"
     params = (WEIGHT, N, M, SPARSITY)
-    store_layout = "nm"
 
     def resolve(self, params: dict[str, Any], k: int) -> dict[str, Any]:
         return resolve_nm(params)
@@ -51,13 +44,19 @@ class BSOnly(Method):
     def resolve_model(self, own: dict[str, Any], shared: dict[str, Any], where: str) -> dict[str, Any]:
         return resolve_model_nm(own, shared, where)
 
-    def needs(self, cfg: "MergeConfig") -> Needs:
-        return Needs(scratch_bytes=4 + 5 * len(cfg.models) + 4.25)
+    def needs(self, cfg: ParamValues) -> Needs:
+        return Needs(scratch_bytes=4 + 5 * cfg.k + 4.25)
 
-    def prepare(self, cfg: "MergeConfig", t: "TensorJob") -> BSParams:
+    def store_layout(self, cfg: ParamValues) -> str | None:
+        return "nm"
+
+    def prepare(self, cfg: ParamValues, t: TensorJob) -> BSParams:
         return BSParams(weights(cfg, t), np.array(cfg.ns, np.int64), cfg.m)
 
-    def merge_chunk(self, run: "RunContext", c: Chunk) -> None:
+    def merge_chunk(self, c: ChunkData) -> None:
+        from . import gta_kernels as GK
+        from . import nm_kernel
+
         p: BSParams = c.prep
         k = c.k
         keep = c.scratch("keep", (k, c.count), np.uint8)
@@ -75,13 +74,15 @@ class BSOnly(Method):
                    c.out, c.out_code, c.masks, c.stats)
         c.store_nm()
 
-    def describe(self, cfg: "MergeConfig") -> dict[str, Any]:
+    def describe(self, cfg: ParamValues) -> dict[str, Any]:
         return describe_nm(cfg)
 
 
 def exclude_prior(taus: np.ndarray, done: list[int], thr: np.ndarray, bud: np.ndarray, count: int) -> np.ndarray:
     """CA over thresholds: zero each task vector where earlier ones (``done``, in pruning order,
     selected by their thresholds ``thr``/``bud`` (k, 2) of this chunk) kept; returns the used positions."""
+    from . import gta_kernels as GK
+
     used = np.zeros(count, bool)
     keep = np.zeros((taus.shape[0], count), np.uint8)
     for i in done:
@@ -100,12 +101,14 @@ class CAOnly(GTA):
         self.sparsifier, self.consensus = "ca", False
         self.params = (WEIGHT, DENSITY, ORDER, SELECTION, SEED)
 
-    def needs(self, cfg: "MergeConfig") -> Needs:
-        k = len(cfg.models)  # a chunk (values, what selection sees, flags) and a threshold pass beside it
+    def needs(self, cfg: ParamValues) -> Needs:
+        k = cfg.k  # a chunk (values, what selection sees, flags) and a threshold pass beside it
         return Needs(prepass=cfg.value("selection") == "magnitude", scratch_bytes=(9 + 9 * k) + (4 + 12 * k))
 
-    def prepare(self, cfg: "MergeConfig", t: "TensorJob") -> GTAParams:
-        k = len(cfg.models)
+    def prepare(self, cfg: ParamValues, t: TensorJob) -> GTAParams:
+        from . import gta_kernels as GK
+
+        k = cfg.k
         p = GTA.prepare(self, cfg, t)
         density = p.density.copy()
         if cfg.value("selection", t.name) == "magnitude":
@@ -117,8 +120,10 @@ class CAOnly(GTA):
             taken += d
         return replace(p, mode=GK.SEL_RANDOM, density=density, ranks=[(-1, -1)] * k)
 
-    def prepass(self, run: "RunContext", tensor: int, chunks: list[int], prep: GTAParams) -> Any:
-        order = list(run.plan.config.order)
+    def prepass(self, source: ChunkSource, tensor: TensorJob, chunks: list[int], prep: GTAParams) -> Any:
+        from .. import thresholds
+
+        order = list(prep.order)
         k = len(order)
         thr = np.full((len(chunks), k, 2), thresholds.NONE_KEPT, np.uint32)
         bud = np.zeros((len(chunks), k, 2), np.int64)
@@ -127,7 +132,7 @@ class CAOnly(GTA):
             done = order[:p]
 
             def keys(c: int, i: int = i, done: list[int] = done) -> np.ndarray:
-                taus = tau_keys(run, c, taus_out=True)
+                taus = source.taus(c)
                 used = exclude_prior(taus, done, thr[c - first], bud[c - first], taus.shape[1])
                 taus[i][used] = 0
                 return taus[i:i + 1].view(np.uint32) & np.uint32(0x7FFFFFFF)
@@ -136,7 +141,9 @@ class CAOnly(GTA):
             thr[:, i], bud[:, i] = t_i[:, 0], b_i[:, 0]
         return thr, bud
 
-    def merge_chunk(self, run: "RunContext", c: Chunk) -> None:
+    def merge_chunk(self, c: ChunkData) -> None:
+        from . import gta_kernels as GK
+
         p: GTAParams = c.prep
         k = c.k
         svals = c.scratch("svals", (k, c.count), np.float32)  # what selection sees
@@ -145,7 +152,7 @@ class CAOnly(GTA):
         svals[:] = vals
         thr, bud = chunk_thresholds(c)
         used = np.zeros(c.count, bool)
-        for i in run.plan.config.order:  # positions kept by earlier task vectors are not available
+        for i in p.order:  # positions kept by earlier task vectors are not available
             svals[i][used] = 0
             GK.select(svals, i, c.count, p.mode, thr[i, 0], bud[i, 0], thr[i, 1], bud[i, 1], p.cols, p.row_k[i],
                       p.density[i], p.seed, i, p.tensor_key, c.start, keep)

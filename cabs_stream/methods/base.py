@@ -1,35 +1,37 @@
-"""The interface every merge method implements, and the few types it speaks in.
+"""The interface every merge method implements, and the few plain types it speaks in.
 
 A method is one object (usually one module) that declares
 
 * ``params``: its parameters (name, kind, default, per model or global). This one schema
   validates YAML files and keyword arguments, generates the CLI flags and their ``--help``;
-* ``needs(cfg)``: what the plan must provide (whole rows in a chunk, a tensor-level pass
+* ``needs(values)``: what the plan must provide (whole rows in a chunk, a tensor-level pass
   before the merge, scratch bytes per element in flight), feeding the one memory model;
-* ``prepare(cfg, tensor)``: per-tensor parameters (filter lists resolved), computed once;
-* ``prepass(run, tensor, chunks, prep)``: optional tensor-level statistics (exact thresholds,
-  dot products) computed by streaming over the tensor's chunks before its merge;
-* ``merge_chunk(run, chunk)``: the chunk function: decoded inputs in, merged words, packed
-  masks and counts out. It must depend only on the chunk's own elements (and the prepass),
-  so the output never depends on chunking, workers or scheduler.
+* ``prepare(values, tensor)``: per-tensor parameters (filter lists resolved), computed once;
+* ``prepass(source, tensor, chunks, prep)``: optional tensor-level statistics (exact
+  thresholds, dot products) from the decoded chunks of one tensor, before its merge;
+* ``merge_chunk(chunk)``: the chunk function: decoded inputs in, merged words, packed masks
+  and counts out. It must depend only on the chunk's own elements (and the prepass), so the
+  output never depends on chunking, workers or scheduler;
+* ``store_layout(values)``: how ``prune`` keeps its pruned task vectors (and, for the dense
+  layout, ``merge_stored``: the combination of stored values).
 
-``registry.py`` maps ``merge_method`` names to methods; nothing else dispatches on a name.
+A method sees plain values only: its parameters through ``ParamValues`` (a ``MergeConfig``
+is one), a tensor's ``layout.TensorJob``, a ``ChunkData``, and chunks decoded by a
+``ChunkSource``; never the run or the whole configuration. Numba kernels live in the
+``*_kernels.py`` modules and are imported where a chunk is merged, so reading the schemas
+(configuration, ``--help``) does not load Numba. ``registry.py`` maps ``merge_method`` names
+to methods; nothing else dispatches on a name.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable, Protocol
 
 import numpy as np
 
-from ..codec import decode_chunk
-
-if TYPE_CHECKING:  # pragma: no cover
-    from ..config import MergeConfig
-    from ..plan import TensorJob
-    from ..run.context import RunContext
+from ..layout import TensorJob
 
 
 @dataclass(frozen=True)
@@ -76,8 +78,60 @@ class Needs:
     scratch_bytes: float = 0.0  # bytes per chunk element a chunk task (and a prepass beside it) holds
 
 
+class ParamValues(Protocol):
+    """What a method reads of the configuration: its parameters' values for a tensor and model."""
+
+    @property
+    def k(self) -> int:
+        """The number of fine-tuned models."""
+
+    @property
+    def model_paths(self) -> tuple[str, ...]:
+        """The models as given (for messages and the manifest)."""
+
+    @property
+    def order(self) -> tuple[int, ...]:
+        """The pruning order (model indices)."""
+
+    @property
+    def ns(self) -> tuple[int, ...]:
+        """n per model (n:m methods)."""
+
+    @property
+    def m(self) -> int:
+        """The group size m (n:m methods)."""
+
+    def value(self, name: str, tensor: str = "", model: int | None = None, default: Any = None) -> Any:
+        """A parameter for one tensor: the model's own, else the global one, else the default."""
+
+
+class ChunkSource(Protocol):
+    """Decoded chunks of the run's inputs, for the tensor-level passes (``prepass``, thresholds)."""
+
+    def start(self, index: int) -> int:
+        """The first element of chunk ``index`` in its tensor."""
+
+    def taus(self, index: int) -> np.ndarray:
+        """The task vectors (k, count) of chunk ``index`` as float32."""
+
+    def keys(self, index: int) -> np.ndarray:
+        """|tau| bits (k, count) uint32 of chunk ``index``: the keys of the threshold passes."""
+
+
+class TaskVectorSink(Protocol):
+    """Where ``prune`` writes a chunk's pruned task vectors (``io.store.TaskVectorStore``)."""
+
+    def write_nm(self, tensor: TensorJob, start: int, fts: tuple[np.ndarray, ...], masks: np.ndarray) -> int: ...
+
+    def write_dense(self, tensor: TensorJob, start: int, vals: np.ndarray, keep: np.ndarray,
+                    masks: np.ndarray) -> int: ...
+
+
+Scratch = Callable[[str, tuple[int, ...], Any], np.ndarray]
+
+
 @dataclass
-class Chunk:
+class ChunkData:
     """What a chunk function sees: raw input words, and the buffers it fills.
 
     ``base`` and ``fts[i]`` are raw uint16 words of elements [start, start + count) of the
@@ -87,9 +141,8 @@ class Chunk:
     kept-by-both for i < l in a k x k block.
     """
 
-    index: int  # in the plan's chunk list
     ordinal: int  # position among its tensor's chunks
-    tensor: "TensorJob"
+    tensor: TensorJob
     start: int
     count: int
     base: np.ndarray
@@ -102,8 +155,8 @@ class Chunk:
     stats: np.ndarray
     prep: Any  # the method's per-tensor parameters (``prepare``)
     pre: Any  # the result of the tensor's ``prepass`` (None without one)
-    scratch: Callable[[str, tuple[int, ...], Any], np.ndarray] = field(repr=False, default=None)
-    store: Any = None  # a TaskVectorStore while pruning (``cabs-stream prune``), else None
+    scratch: Scratch = field(repr=False)
+    store: TaskVectorSink | None = None  # the task-vector store while pruning, else None
     stored: int = 0  # CRC of what this chunk put in the store
 
     def store_nm(self) -> None:
@@ -123,6 +176,8 @@ class Chunk:
     def decode(self, values: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """The chunk as float32 in scratch: the base (count,) and the task vectors (k, count),
         or with ``values`` the models' weights themselves."""
+        from ..codec import decode_chunk
+
         b = self.scratch("b", (self.count,), np.float32)
         vals = self.scratch("vals", (self.k, self.count), np.float32)
         decode_chunk(self.base, self.base_code, self.fts, self.codes, self.count, b, vals, values)
@@ -136,9 +191,6 @@ class Method:
     summary: str = ""  # one line for --help and the README
     paper: str = ""  # link shown in the model card
     params: tuple[Param, ...] = ()
-    #: How ``prune`` stores its task vectors: "nm" (compact n per group of m), "dense", or None
-    #: (the method has no lambda-independent pruned task vectors to store).
-    store_layout: str | None = "dense"
     #: The method can run without a base model (the first model then lays out the output).
     base_optional: bool = False
 
@@ -155,32 +207,56 @@ class Method:
         ``resolve`` of the shared ones."""
         return own
 
-    def needs(self, cfg: "MergeConfig") -> Needs:
+    def needs(self, values: ParamValues) -> Needs:
         return Needs()
 
-    def prepare(self, cfg: "MergeConfig", tensor: "TensorJob") -> Any:
+    def prepare(self, values: ParamValues, tensor: TensorJob) -> Any:
         """Per-tensor parameters (default: the weights as float32)."""
-        return weights(cfg, tensor)
+        return weights(values, tensor)
 
-    def prepass(self, run: "RunContext", tensor: int, chunks: list[int], prep: Any) -> Any:
-        """Tensor-level statistics before the merge (only when ``needs().prepass``)."""
+    def prepass(self, source: ChunkSource, tensor: TensorJob, chunks: list[int], prep: Any) -> Any:
+        """Tensor-level statistics before the merge (only when ``needs().prepass``), from the
+        decoded chunks ``chunks`` (indices for ``source``) of ``tensor``."""
         return None
 
-    def merge_chunk(self, run: "RunContext", chunk: Chunk) -> None:  # pragma: no cover
+    def merge_chunk(self, c: ChunkData) -> None:  # pragma: no cover
         raise NotImplementedError
 
-    # Methods whose needs() declare global_thresholds also define
-    #   threshold_keys(run, chunk_index) -> (rows, count) uint32 keys, and
-    #   global_ranks(cfg, plan, tensors) -> [(K_lo, K_hi)] per row.
+    # ------------------------------------------------------------ scope: global thresholds
+    def threshold_keys(self, source: ChunkSource, index: int) -> np.ndarray:
+        """Keys (rows, count) of the global threshold passes for one chunk (only when
+        ``needs().global_thresholds``): by default |tau| of every model."""
+        return source.keys(index)
 
-    def describe(self, cfg: "MergeConfig") -> dict[str, Any]:
+    def global_ranks(self, values: ParamValues, numels: list[int]) -> list[tuple[int, int]]:
+        """Rank targets (K_lo, K_hi) per key row over tensors of ``numels`` elements together
+        (only when ``needs().global_thresholds``)."""
+        raise NotImplementedError(f"{self.name} declares no global thresholds")
+
+    # ------------------------------------------------------------ task-vector stores
+    def store_layout(self, values: ParamValues) -> str | None:
+        """How ``prune`` keeps the pruned task vectors: "nm" (compact, n per group of m, summed
+        with the weights by ``merge --from``), "dense" (``merge_stored`` combines them), or
+        None (no lambda-independent pruned task vectors: the method cannot be stored)."""
+        return None
+
+    def merge_stored(self, c: ChunkData, b: np.ndarray, vals: np.ndarray, keep: np.ndarray) -> None:
+        """The chunk function of a merge from a dense store: ``b`` the base (count,), ``vals``
+        the stored task vectors (k, count) and ``keep`` the stored selection (k, count) uint8."""
+        raise NotImplementedError(f"{self.name} has no dense store layout")
+
+    def known_counts(self, n_chunks: int) -> np.ndarray | None:
+        """Counts per chunk known before the merge (a store's, recorded when it was pruned)."""
+        return None
+
+    def describe(self, values: ParamValues) -> dict[str, Any]:
         """Extra entries for the manifest (the derived values a user wants to see)."""
         return {}
 
 
-def weights(cfg: "MergeConfig", tensor: "TensorJob") -> np.ndarray:
+def weights(values: ParamValues, tensor: TensorJob) -> np.ndarray:
     """The weight (lambda) of every model for one tensor, float32."""
-    return np.array([cfg.value("weight", tensor.name, i, 1.0) for i in range(len(cfg.models))], np.float32)
+    return np.array([values.value("weight", tensor.name, i, 1.0) for i in range(values.k)], np.float32)
 
 
 def top_count(density: float, n: int) -> int:

@@ -10,20 +10,14 @@ published-2024`` reproduces the authors' 2024 scripts instead (``published.py``)
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
-from ..codec import encode
 from ..errors import ConfigError
-from . import nm_kernel
-from .base import WEIGHT, Chunk, Method, Needs, Param, weights
+from ..layout import TensorJob
+from .base import WEIGHT, ChunkData, Method, Needs, Param, ParamValues, weights
 from .published import published_2024
-
-if TYPE_CHECKING:  # pragma: no cover
-    from ..config import MergeConfig
-    from ..plan import TensorJob
-    from ..run.context import RunContext
 
 N = Param("n", "int", 64, "weights kept in every group of m (per model or for all)", per_model=True,
           filterable=False)
@@ -87,7 +81,7 @@ def quotas(ns: np.ndarray, m: int, count: int) -> tuple[np.ndarray, np.ndarray]:
     return ns, np.array([tail_quota(int(n), m, count) for n in ns], np.int64)
 
 
-def describe_nm(cfg: "MergeConfig") -> dict[str, Any]:
+def describe_nm(cfg: ParamValues) -> dict[str, Any]:
     """n (one value, or one per model when they differ), m and density for the manifest."""
     ns = cfg.ns
     one = len(set(ns)) == 1
@@ -110,7 +104,6 @@ class Cabs(Method):
     summary = "n:m balanced selection with conflict-aware exclusion (the CABS paper)"
     paper = "https://arxiv.org/abs/2503.01874"
     params = (WEIGHT, N, M, SPARSITY, OVERLAP, ORDER, VARIANT)
-    store_layout = "nm"
 
     def resolve(self, params: dict[str, Any], k: int) -> dict[str, Any]:
         params = resolve_nm(params)
@@ -125,15 +118,22 @@ class Cabs(Method):
                               "scripts did")
         return own
 
-    def needs(self, cfg: "MergeConfig") -> Needs:
+    def needs(self, cfg: ParamValues) -> Needs:
         published = cfg.value("variant") == "published-2024"
-        return Needs(scratch_bytes=(16 + 8 * len(cfg.models)) if published else 0.0)
+        return Needs(scratch_bytes=(16 + 8 * cfg.k) if published else 0.0)
 
-    def prepare(self, cfg: "MergeConfig", t: "TensorJob") -> CabsParams:
+    def store_layout(self, cfg: ParamValues) -> str | None:
+        # the published scripts' fp16 sums are not a weighted sum of stored task vectors
+        return None if cfg.value("variant") == "published-2024" else "nm"
+
+    def prepare(self, cfg: ParamValues, t: TensorJob) -> CabsParams:
         return CabsParams(weights(cfg, t), np.array(cfg.order, np.int64), np.array(cfg.ns, np.int64), cfg.m,
                           cfg.value("overlap") == "fill", cfg.value("variant") == "published-2024")
 
-    def merge_chunk(self, run: "RunContext", c: Chunk) -> None:
+    def merge_chunk(self, c: ChunkData) -> None:
+        from ..codec import encode
+        from . import nm_kernel
+
         p: CabsParams = c.prep
         if not p.published:
             ns, tails = quotas(p.ns, p.m, c.count)
@@ -151,9 +151,9 @@ class Cabs(Method):
         c.stats[2 * k:3 * k] = (~np.isfinite(vals)).sum(axis=1)
         c.stats[3 * k + 1] = (kept[0] & kept[1]).sum()
 
-    def describe(self, cfg: "MergeConfig") -> dict[str, Any]:
+    def describe(self, cfg: ParamValues) -> dict[str, Any]:
         return {**describe_nm(cfg), "overlap": cfg.value("overlap"),
-                "pruning_order": [cfg.models[i].path for i in cfg.order]}
+                "pruning_order": [cfg.model_paths[i] for i in cfg.order]}
 
 
 METHODS = [Cabs()]

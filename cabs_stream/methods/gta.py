@@ -13,22 +13,14 @@ from __future__ import annotations
 
 import zlib
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
-from .. import thresholds
-from ..codec import FLOAT_CODES, decode_chunk
 from ..errors import ConfigError
-from . import gta_kernels as GK
-from . import nm_kernel
-from .base import (DENSITY, INT8_MASK, LAMBDA, NORMALIZE, RESCALE, SEED, WEIGHT, Chunk, Method, Needs, Param,
-                   row_length, top_count, weights)
-
-if TYPE_CHECKING:  # pragma: no cover
-    from ..config import MergeConfig
-    from ..plan import Plan, TensorJob
-    from ..run.context import RunContext
+from ..layout import TensorJob
+from .base import (DENSITY, INT8_MASK, LAMBDA, NORMALIZE, RESCALE, SEED, WEIGHT, ChunkData, ChunkSource, Method,
+                   Needs, Param, ParamValues, row_length, top_count, weights)
 
 GAMMA = Param("gamma", "float", 0.01, "breadcrumbs: fraction of the largest entries dropped", per_model=True,
               lo=0.0, hi=1.0)
@@ -37,7 +29,9 @@ EPSILON = Param("epsilon", "float", 0.15, "della: keep probabilities span densit
 SCOPE = Param("scope", "choice", "tensor", "over what the top density is taken: tensor, row or global (the model)",
               choices=("tensor", "row", "global"))
 
-NO_THRESHOLD = (np.full((1, 2), thresholds.NONE_KEPT, np.uint32), np.zeros((1, 2), np.int64))
+#: The threshold pair that keeps nothing (``thresholds.NONE_KEPT``) with no tie budget: a model
+#: without a threshold selects by its mode alone.
+NO_THRESHOLD = (np.full((1, 2), 0xFFFFFFFF, np.uint32), np.zeros((1, 2), np.int64))
 
 
 @dataclass(frozen=True)
@@ -51,6 +45,7 @@ class GTAParams:
     epsilon: np.ndarray  # float64
     row_k: np.ndarray  # int64: kept per row (row scope)
     ranks: list[tuple[int, int]]  # per model: (K_lo, K_hi) rank targets (-1: none)
+    order: tuple[int, ...]  # the pruning order (ca_only)
     tensor_key: int
     seed: int
     normalize: bool
@@ -58,22 +53,6 @@ class GTAParams:
     lam: np.float32
     cols: int
     fused: bool  # plain task arithmetic: the fused kernel
-
-
-def tau_keys(run: "RunContext", index: int, taus_out: bool = False) -> Any:
-    """|tau| bits (k, count) of chunk ``index`` (keys of the threshold passes); with
-    ``taus_out`` the float32 task vectors (k, count) instead."""
-    plan = run.plan
-    ch = plan.chunks[index]
-    t = plan.tensors[ch.tensor]
-    base, fts = run.maps.read_chunk(t.base, t.fts, ch.start, ch.count)
-    b = np.empty(ch.count, np.float32)
-    taus = np.empty((len(t.fts), ch.count), np.float32)
-    decode_chunk(base, FLOAT_CODES[t.base.dtype], fts, np.array([FLOAT_CODES[f.dtype] for f in t.fts]),
-                 ch.count, b, taus, False)
-    del base, fts
-    run.maps.release((t.base, *t.fts), ch.start, ch.count)
-    return taus if taus_out else taus.view(np.uint32) & np.uint32(0x7FFFFFFF)
 
 
 class GTA(Method):
@@ -105,18 +84,20 @@ class GTA(Method):
     def resolve(self, params: dict[str, Any], k: int) -> dict[str, Any]:
         return params
 
-    def needs(self, cfg: "MergeConfig") -> Needs:
+    def needs(self, cfg: ParamValues) -> Needs:
         scope = cfg.value("scope", default="tensor")
         top = self.sparsifier in ("magnitude", "outliers") and scope != "row"
         fused = self.sparsifier is None and _fusable(cfg, "")
-        k = len(cfg.models)
+        k = cfg.k
         # a chunk: base, values and keep flags; a threshold pass alongside it: base, values and keys
         return Needs(whole_rows=(self.sparsifier == "magnitude" and scope == "row") or self.sparsifier == "della",
                      prepass=top and scope != "global", global_thresholds=top and scope == "global",
                      scratch_bytes=0.0 if fused else (4 + 5 * k) + ((4 + 8 * k) if top else 0))
 
-    def prepare(self, cfg: "MergeConfig", t: "TensorJob") -> GTAParams:
-        k = len(cfg.models)
+    def prepare(self, cfg: ParamValues, t: TensorJob) -> GTAParams:
+        from . import gta_kernels as GK
+
+        k = cfg.k
         n = t.numel
         density = np.array([cfg.value("density", t.name, i, 1.0) for i in range(k)], np.float64)
         epsilon = np.array([cfg.value("epsilon", t.name, i, 0.0) for i in range(k)], np.float64)
@@ -143,28 +124,39 @@ class GTA(Method):
             mode = -1
             for i, (d, e) in enumerate(zip(density, epsilon)):
                 if 0 < d < 1 and not (0 < d - e and d + e < 1):
-                    raise ConfigError(f"della: density {d:g} +- epsilon {e:g} of {cfg.models[i].path} must lie "
+                    raise ConfigError(f"della: density {d:g} +- epsilon {e:g} of {cfg.model_paths[i]} must lie "
                                       f"in (0, 1) (tensor {t.name})")
         return GTAParams(mode, weights(cfg, t), scale, density, epsilon,
-                         np.array([top_count(d, cols) for d in density], np.int64), ranks,
+                         np.array([top_count(d, cols) for d in density], np.int64), ranks, cfg.order,
                          zlib.crc32(t.name.encode()), int(cfg.value("random_seed", t.name, default=0)),
                          bool(cfg.value("normalize", t.name, default=False)), rescale,
                          np.float32(cfg.value("lambda", t.name, default=1.0)), cols,
                          self.sparsifier is None and _fusable(cfg, t.name))
 
-    def prepass(self, run: "RunContext", tensor: int, chunks: list[int], prep: GTAParams) -> Any:
-        return thresholds.find(lambda c: tau_keys(run, c), chunks, prep.ranks)
+    def prepass(self, source: ChunkSource, tensor: TensorJob, chunks: list[int], prep: GTAParams) -> Any:
+        from .. import thresholds
 
-    def threshold_keys(self, run: "RunContext", index: int) -> np.ndarray:
-        """Keys of the threshold passes: |tau| bits (k, count) of a chunk."""
-        return tau_keys(run, index)
+        return thresholds.find(source.keys, chunks, prep.ranks)
 
-    def global_ranks(self, cfg: "MergeConfig", plan: "Plan", tensors: list[int]) -> list[tuple[int, int]]:
-        """Rank targets over all ``tensors`` together (scope: global)."""
-        total = sum(plan.tensors[t].numel for t in tensors)
-        return [(top_count(cfg.value("density", "", i, 1.0), total), -1) for i in range(len(cfg.models))]
+    def global_ranks(self, cfg: ParamValues, numels: list[int]) -> list[tuple[int, int]]:
+        """Rank targets over all the tensors together (scope: global)."""
+        total = sum(numels)
+        return [(top_count(cfg.value("density", "", i, 1.0), total), -1) for i in range(cfg.k)]
 
-    def merge_chunk(self, run: "RunContext", c: Chunk) -> None:
+    def store_layout(self, cfg: ParamValues) -> str | None:
+        return "dense"
+
+    def merge_stored(self, c: ChunkData, b: np.ndarray, vals: np.ndarray, keep: np.ndarray) -> None:
+        from . import gta_kernels as GK
+
+        p: GTAParams = c.prep
+        GK.combine(b, vals, keep, p.weight, p.scale, self.consensus, p.normalize, p.lam, False, c.count,
+                   c.out, c.out_code, c.masks, c.stats)
+
+    def merge_chunk(self, c: ChunkData) -> None:
+        from . import gta_kernels as GK
+        from . import nm_kernel
+
         p: GTAParams = c.prep
         k = c.k
         if p.fused:
@@ -185,12 +177,11 @@ class GTA(Method):
             else:
                 GK.select(vals, i, c.count, p.mode, thr[i, 0], bud[i, 0], thr[i, 1], bud[i, 1], p.cols,
                           p.row_k[i], p.density[i], p.seed, i, p.tensor_key, c.start, keep)
-        GK.combine(b, vals, keep, p.weight, p.scale, self.consensus, p.normalize, p.lam, False, c.count,
-                   c.out, c.out_code, c.masks, c.stats)
+        self.merge_stored(c, b, vals, keep)
         c.store_dense(vals, keep)
 
 
-def chunk_thresholds(c: Chunk) -> tuple[np.ndarray, np.ndarray]:
+def chunk_thresholds(c: ChunkData) -> tuple[np.ndarray, np.ndarray]:
     """This chunk's (k, 2) thresholds and tie budgets from its tensor's prepass (if any)."""
     if c.pre is None:
         return (np.broadcast_to(NO_THRESHOLD[0], (c.k, 2)), np.broadcast_to(NO_THRESHOLD[1], (c.k, 2)))
@@ -198,7 +189,7 @@ def chunk_thresholds(c: Chunk) -> tuple[np.ndarray, np.ndarray]:
     return thr[c.ordinal], bud[c.ordinal]
 
 
-def _fusable(cfg: "MergeConfig", tensor: str) -> bool:
+def _fusable(cfg: ParamValues, tensor: str) -> bool:
     """Plain task arithmetic (no normalize, lambda 1) runs in the fused kernel."""
     return not cfg.value("normalize", tensor, default=False) and cfg.value("lambda", tensor, default=1.0) == 1.0
 

@@ -15,7 +15,7 @@ from numba import njit
 
 from ..codec import ABS_BITS as _ABS
 from ..codec import EXP_BITS as _EXP
-from ..codec import store
+from ..codec import put
 
 SEL_ALL, SEL_TOP, SEL_BAND, SEL_ROW, SEL_RANDOM = 0, 1, 2, 3, 4
 
@@ -162,10 +162,10 @@ def combine(b, vals, keep, w, scale, consensus, normalize, lam, linear, count, o
             for i in range(k):
                 div += w[i]
             res = s / div if normalize and div != 0 else s
-            store(out, out_code, j, res)
+            put(out, out_code, j, res)
             continue
         if not anyk:
-            store(out, out_code, j, b[j])
+            put(out, out_code, j, b[j])
             continue
         if consensus:
             maj = np.float32(1.0) if s >= 0 else np.float32(-1.0)
@@ -189,4 +189,4 @@ def combine(b, vals, keep, w, scale, consensus, normalize, lam, linear, count, o
             mixed = mixed / div
         if lam != 1:
             mixed = mixed * lam
-        store(out, out_code, j, b[j] + mixed)
+        put(out, out_code, j, b[j] + mixed)

@@ -8,17 +8,10 @@ mergekit, it may be left out, and the first listed model then does.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
-
 import numpy as np
 
-from . import gta_kernels as GK
-from .base import INT8_MASK, NORMALIZE, WEIGHT, Chunk, Method, Needs, Param, weights
-
-if TYPE_CHECKING:  # pragma: no cover
-    from ..config import MergeConfig
-    from ..plan import TensorJob
-    from ..run.context import RunContext
+from ..layout import TensorJob
+from .base import INT8_MASK, NORMALIZE, WEIGHT, ChunkData, Method, Needs, Param, ParamValues, weights
 
 
 @dataclass(frozen=True)
@@ -32,16 +25,17 @@ class Linear(Method):
     summary = "sum w_i W_i / sum w_i (a weighted average of the models)"
     paper = "https://arxiv.org/abs/2203.05482"
     params = (WEIGHT, Param(NORMALIZE.name, "bool", True, NORMALIZE.help), INT8_MASK)
-    store_layout = None  # no lambda-independent pruned task vectors
     base_optional = True
 
-    def needs(self, cfg: "MergeConfig") -> Needs:
-        return Needs(scratch_bytes=4 + 5 * len(cfg.models))
+    def needs(self, cfg: ParamValues) -> Needs:
+        return Needs(scratch_bytes=4 + 5 * cfg.k)
 
-    def prepare(self, cfg: "MergeConfig", t: "TensorJob") -> LinearParams:
+    def prepare(self, cfg: ParamValues, t: TensorJob) -> LinearParams:
         return LinearParams(weights(cfg, t), bool(cfg.value("normalize", t.name)))
 
-    def merge_chunk(self, run: "RunContext", c: Chunk) -> None:
+    def merge_chunk(self, c: ChunkData) -> None:
+        from . import gta_kernels as GK
+
         p: LinearParams = c.prep
         k = c.k
         keep = c.scratch("keep", (k, c.count), np.uint8)

@@ -25,8 +25,12 @@ from __future__ import annotations
 
 import numpy as np
 from numba import njit
+from numba.cpython.unsafe.numbers import trailing_zeros
 
-from ..codec import BF16, F16, half_to_float_bits, float_bits_to_half, float_bits_to_bfloat
+from ..dtypes import BF16, F16
+from ..stats import POPCOUNT
+
+from ..codec import half_to_float_bits, float_bits_to_half, float_bits_to_bfloat
 
 #: Selection modes of ``merge_chunk``.
 KEEP_ALL = 0  # task arithmetic: every non-zero entry of every task vector
@@ -110,7 +114,7 @@ def load_group(words, code, g0, g, b):
 
 
 @njit(inline="always")
-def store_group(out, code, g0, g, b, acc, anyk):
+def put_group(out, code, g0, g, b, acc, anyk):
     """Element g0+j of ``out`` = b[j] + acc[j] where anyk[j], else b[j] exactly; one loop
     per dtype code."""
     if code == BF16:
@@ -343,6 +347,57 @@ def merge_chunk(base, base_code, fts, codes, lam, order, count, ns, m, tails, mo
                 acc[j] = acc[j] + w * taus[i, j] if f != 0 else acc[j]
                 anyk[j] |= f
             _pack_or(flags, i, g0, g, masks)
-        store_group(out, out_code, g0, g, b, acc, anyk)
+        put_group(out, out_code, g0, g, b, acc, anyk)
     for x in range(3 * k + k * k):
         stats[x] += cnt[x]
+
+
+@njit(nogil=True, cache=True)
+def sum_nm(base, base_code, vals, codes, masks, lam, count, m, ns, out, out_code, stats):
+    """W = W0 + sum_i lam_i * tau_i over kept positions, in listed order, float32 (as
+    ``nm_kernel.merge_chunk``); tau_i = (model i's stored word, decoded) - W0. Each group's
+    ns[i] stored values of model i are decoded at once (dtype branch hoisted), then added at
+    the kept positions, found set bit by set bit in 64-bit words (n per group, not m). Adds
+    kept_i and kept-by-both counts to ``stats`` (layout of ``nm_kernel.merge_chunk``)."""
+    k = len(vals)
+    b = np.empty(m, np.float32)
+    acc = np.empty(m, np.float32)
+    anyk = np.empty(m, np.uint8)
+    v = np.empty(max(ns.max(), 1), np.float32)
+    one = np.uint64(1)
+    for g0 in range(0, count, m):
+        g = min(m, count - g0)
+        load_group(base, base_code, g0, g, b)
+        acc[:g] = 0.0
+        anyk[:g] = 0
+        e1 = g0 + g
+        last = (e1 - 1) >> 3  # the group's last mask byte
+        for i in range(k):
+            n = ns[i]
+            load_group(vals[i], codes[i], (g0 // m) * n, n, v)
+            w = lam[i]
+            p = 0
+            mi = masks[i]
+            for byte in range(g0 >> 3, last + 1, 8):
+                lo = byte << 3
+                bits = np.uint64(0)
+                for q in range(min(8, last + 1 - byte)):
+                    bits |= np.uint64(mi[byte + q]) << np.uint64(8 * q)
+                if lo < g0:
+                    bits &= ~((one << np.uint64(g0 - lo)) - one)
+                if lo + 64 > e1:
+                    bits &= (one << np.uint64(e1 - lo)) - one
+                while bits != 0:
+                    j = lo + trailing_zeros(bits) - g0
+                    acc[j] = acc[j] + w * (v[p] - b[j])
+                    anyk[j] = 1
+                    p += 1
+                    bits &= bits - one
+            stats[i] += p
+        put_group(out, out_code, g0, g, b, acc, anyk)
+    for i in range(k):
+        for l in range(i + 1, k):
+            both = 0
+            for byte in range((count + 7) >> 3):
+                both += POPCOUNT[masks[i, byte] & masks[l, byte]]
+            stats[3 * k + i * k + l] += both

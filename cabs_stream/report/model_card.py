@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import yaml
 
-from .. import __version__
+from .._version import __version__
 from ..config import MergeConfig
 from ..io import hub
 from ..io.adapter import spec_paths

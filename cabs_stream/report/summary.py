@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 
 from ..plan import Plan
-from . import counts
+from .. import stats
 
 
 def summarize(plan: Plan, rows: dict[int, np.ndarray]) -> dict[str, Any]:
@@ -17,12 +17,12 @@ def summarize(plan: Plan, rows: dict[int, np.ndarray]) -> dict[str, Any]:
     for i, row in rows.items():
         t = plan.chunks[i].tensor
         per_tensor[t] = per_tensor.get(t, 0) + row
-    total = np.zeros(counts.width(k), np.int64)
+    total = np.zeros(stats.width(k), np.int64)
     tensors = {}
     for t, row in sorted(per_tensor.items()):
-        tensors[plan.tensors[t].name] = counts.describe(row, k, plan.tensors[t].numel)
+        tensors[plan.tensors[t].name] = stats.describe(row, k, plan.tensors[t].numel)
         total += row
-    overall = counts.describe(total, k, plan.merged_elements)
+    overall = stats.describe(total, k, plan.merged_elements)
     for key in ("cv_rows", "cv_groups"):  # rows differ in length between tensors: average per-tensor CVs
         overall[key] = [_weighted([(d[key][i], d["numel"]) for d in tensors.values()]) for i in range(k)]
     return {**overall, "classes": by_class(tensors, k), "tensors": tensors}

@@ -1,25 +1,33 @@
 """The run context: everything one run opens or caches, closed when the run ends.
 
-``merge()`` creates a ``RunContext``; every task of the run's graph receives it (or, on a
+``pipeline`` creates a ``RunContext``; every task of the run's graph receives it (or, on a
 process pool, a ``ContextRef`` resolved to the copy that pool's initializer installed).
 Memory maps, output file descriptors, Zarr handles and per-thread scratch buffers live on
 it and are released by ``close()``, on success or error: nothing outlives the run in module
 globals, so a run after a failed one, or two runs in two threads, never see each other's state.
+
+It is also the methods' ``ChunkSource``: the one place that reads a chunk's input words
+(``read``) and decodes them for the tensor-level passes (``taus``, ``keys``).
 """
 
 from __future__ import annotations
 
+import pickle
 import threading
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 
+from ..dtypes import FLOAT_CODES
 from ..io.inputs import InputMaps, thread_buffer
 from ..io.output import ShardFiles
+from ..io.store import TaskVectorStore
+from ..io.workstate import SavedMasks, WorkState
+from ..layout import ChunkSpec, TensorJob
 from ..methods.base import Method
 from ..plan import Plan
-from .workstate import MaskStore, WorkState
 
 
 @dataclass
@@ -31,10 +39,10 @@ class RunContext:
     prep: list[Any]  # per tensor: the method's prepared parameters (None for copied tensors)
     shards: ShardFiles | None  # None in dry runs (statistics only)
     state: WorkState
-    masks: MaskStore | None = None
+    masks: SavedMasks | None = None
     allow_nonfinite: bool = False
     durable: bool = False  # fdatasync each chunk's bytes before recording it done
-    store: Any = None  # TaskVectorStore being written (prune / --keep-task-vectors)
+    store: TaskVectorStore | None = None  # the task-vector store being written (prune / --keep-task-vectors)
     token: str = ""  # identifies the run to its process-pool workers
     maps: InputMaps = field(default_factory=InputMaps)
     _local: threading.local = field(default_factory=threading.local, repr=False)
@@ -49,6 +57,46 @@ class RunContext:
             raise RuntimeError("this run has ended")
         return self
 
+    # ------------------------------------------------------------------ reading chunks
+    @contextmanager
+    def read(self, index: int) -> Iterator[tuple[ChunkSpec, TensorJob, np.ndarray, tuple[np.ndarray, ...]]]:
+        """The raw words of chunk ``index`` of the base and every model (views of the memory
+        maps), released when the block ends."""
+        ch = self.plan.chunks[index]
+        t = self.plan.tensors[ch.tensor]
+        base, fts = self.maps.read_chunk(t.base, t.fts, ch.start, ch.count)
+        try:
+            yield ch, t, base, fts
+        finally:
+            del base, fts
+            self.maps.release((t.base, *t.fts), ch.start, ch.count)
+
+    def prefetch(self, index: int) -> None:
+        """Start reading chunk ``index`` (overlaps I/O with the compute of the chunk before it)."""
+        if index < len(self.plan.chunks):
+            ch = self.plan.chunks[index]
+            t = self.plan.tensors[ch.tensor]
+            self.maps.prefetch((t.base, *t.fts), ch.start, ch.count)
+
+    def start(self, index: int) -> int:
+        return self.plan.chunks[index].start
+
+    def taus(self, index: int) -> np.ndarray:
+        """The task vectors (k, count) of chunk ``index`` as float32 (new arrays)."""
+        from ..codec import decode_chunk
+
+        with self.read(index) as (ch, t, base, fts):
+            b = np.empty(ch.count, np.float32)
+            taus = np.empty((len(t.fts), ch.count), np.float32)
+            decode_chunk(base, FLOAT_CODES[t.base.dtype], fts, np.array([FLOAT_CODES[f.dtype] for f in t.fts]),
+                         ch.count, b, taus, False)
+        return taus
+
+    def keys(self, index: int) -> np.ndarray:
+        """|tau| bits (k, count) of chunk ``index``."""
+        return self.taus(index).view(np.uint32) & np.uint32(0x7FFFFFFF)
+
+    # ------------------------------------------------------------------ lifetime
     def close(self) -> None:
         """Release every resource (idempotent)."""
         self.closed = True
@@ -83,8 +131,6 @@ _worker_context: dict[str, RunContext] = {}
 
 def install(blob: bytes) -> None:
     """Pool initializer: unpickle the run's context once per worker process."""
-    import pickle
-
     ctx = pickle.loads(blob)
     _worker_context.clear()
     _worker_context[ctx.token] = ctx

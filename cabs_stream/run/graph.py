@@ -16,7 +16,7 @@ from ..plan import Plan
 from . import tasks
 
 
-def build(ref: Any, plan: Plan, needs: Needs, todo: list[int], dry: bool) -> dict:
+def build(ref: tasks.Ref, plan: Plan, needs: Needs, todo: list[int], dry: bool) -> dict:
     """The graph of the chunks ``todo`` (indices into ``plan.chunks``) and the tensor copies."""
     dsk: dict = {}
     by_tensor = plan.tensor_chunks()
@@ -28,8 +28,7 @@ def build(ref: Any, plan: Plan, needs: Needs, todo: list[int], dry: bool) -> dic
             pre[t] = ("prepass", t)
     elif needs.global_thresholds and wanted:
         tensors = list(by_tensor)  # every merged tensor takes part in the ranks, in model order
-        method, cfg = ref.get().method, plan.config
-        ranks = method.global_ranks(cfg, plan, tensors)
+        ranks = ref.get().method.global_ranks(plan.config, [plan.tensors[t].numel for t in tensors])
         rows = len(ranks)
         for t in tensors:
             dsk[("high", t)] = (tasks.high_part, ref, by_tensor[t], rows)

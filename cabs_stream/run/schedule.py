@@ -20,8 +20,6 @@ import dask.threaded
 
 from .context import ContextRef, RunContext, install
 
-SCHEDULERS = ("threads", "processes", "synchronous")
-
 
 def reference(run: RunContext, scheduler: str) -> RunContext | ContextRef:
     """What the graph's tasks carry to reach the run."""

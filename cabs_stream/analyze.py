@@ -18,12 +18,13 @@ from typing import Any
 import numpy as np
 import zarr
 
-from ..config import MergeConfig, ModelSpec, build_config
-from ..methods import registry
-from ..errors import ConfigError, OutputError
-from ..io import output
-from ..pipeline import run
-from ..run.workstate import MASKS_NAME
+from .config import MergeConfig, ModelSpec, build_config
+from .errors import ConfigError, OutputError
+from .io import output
+from .io.workstate import MASKS_NAME
+from .methods import registry
+from .options import EngineOptions
+from .pipeline import execute
 
 ANALYSIS_METHODS = {"magnitude": "magnitude", "random": "random", "cabs": "cabs", "bs_only": "bs_only",
                     "ca_only": "ca_only", "ties": "ties", "dare_ties": "dare_ties"}
@@ -111,8 +112,8 @@ def analyze(cfg: MergeConfig, out_dir: str, methods: list[str], sparsities: list
             for s in sparsities:
                 v = variant(cfg, method, s)
                 wd = os.path.join(work, f"{method}-{s}")
-                plan, rep = run(v, wd, chunk_size=chunk_size, workers=workers, memory=memory, quiet=quiet,
-                                dry=True, save_masks=True)
+                plan, rep = execute(v, wd, EngineOptions(chunk_size, workers, memory, quiet=quiet, save_masks=True),
+                                    dry=True)
                 if shown is None:  # the largest 2-D merged tensor
                     two_d = [t for t in plan.tensors if t.merged and len(t.shape) == 2]
                     if not two_d:

@@ -8,7 +8,7 @@
   with another fingerprint, or one that cannot be read, is discarded with a one-line note. On
   resume every reused chunk is verified (its row, and its bytes read back from the partial
   output); what cannot be verified is merged again.
-- ``MaskStore``: one array per merged tensor, shape (k, ceil(numel / 8)) uint8, chunked like
+- ``SavedMasks``: one array per merged tensor, shape (k, ceil(numel / 8)) uint8, chunked like
   the merge, bit j of byte j // 8 (little-endian bit order) = element j kept by model i.
   With ``--save-masks`` it is written as ``cabs_masks.zarr`` inside the output folder.
 
@@ -27,7 +27,7 @@ import zlib
 import numpy as np
 import zarr
 
-from ..report.counts import width as stats_width
+from ..stats import width as stats_width
 
 MASKS_NAME = "cabs_masks.zarr"
 EXTRA = 3  # output CRC, masks CRC, row CRC
@@ -53,10 +53,6 @@ class LazyGroup:
         self.__dict__.update(state)
         self._group = None
         self._lock = threading.Lock()
-
-
-def crc(data: np.ndarray | bytes | memoryview) -> int:
-    return zlib.crc32(memoryview(data).cast("B") if not isinstance(data, bytes) else data)
 
 
 class WorkState(LazyGroup):
@@ -110,11 +106,11 @@ class WorkState(LazyGroup):
         shutil.rmtree(self.path, ignore_errors=True)
 
 
-class MaskStore(LazyGroup):
+class SavedMasks(LazyGroup):
     """Bit-packed masks per tensor (for ``--save-masks`` and ``analyze``)."""
 
     @classmethod
-    def create(cls, path: str, k: int, tensors: dict[str, tuple[int, int]], attrs: dict, keep: bool) -> "MaskStore":
+    def create(cls, path: str, k: int, tensors: dict[str, tuple[int, int]], attrs: dict, keep: bool) -> "SavedMasks":
         """``tensors`` maps name -> (numel, elements per chunk); with ``keep`` an existing store of
         the same fingerprint is reopened (a resume; its chunks are verified by CRC)."""
         if keep:

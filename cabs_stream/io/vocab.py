@@ -28,11 +28,13 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .codec import FLOAT_CODES, ITEMSIZE, decode, encode
-from .errors import ConfigError
-from .io.checkpoint import config_value
-from .io.inputs import Computed
-from .io.safetensors_format import TensorInfo
+from ..dtypes import FLOAT_CODES, ITEMSIZE
+
+from ..codec import decode, encode
+from ..errors import ConfigError
+from .model_files import config_value
+from .inputs import Computed
+from .safetensors_format import TensorInfo
 
 NONE, DONOR, ZERO, AVERAGE = 0, 1, 2, 3  # default row of a participant that lacks the token
 

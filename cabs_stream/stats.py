@@ -1,4 +1,4 @@
-"""Per-chunk counts and the report built from them.
+"""Per-chunk counts (the stats row every chunk task returns) and their description.
 
 A chunk's stats row (int64) holds, per fine-tuned model i (k models):
   kept_i, nonzero_i, nonfinite_i                      (written by the kernel)
@@ -15,7 +15,8 @@ import math
 import numpy as np
 
 
-_POPCOUNT = np.array([bin(i).count("1") for i in range(256)], np.uint8)  # set bits per byte
+#: Set bits per byte value (used by the balance counts and by the kernels' kept-by-both counts).
+POPCOUNT = np.array([bin(i).count("1") for i in range(256)], np.uint8)
 
 
 def width(k: int) -> int:
@@ -33,7 +34,7 @@ def _counts_per_segment(masks: np.ndarray, first: int, count: int, seg: int) -> 
         return np.zeros((k, 0), np.int64)
     if first % 8 == 0 and seg % 8 == 0:
         bytes_ = masks[:, first // 8: (first + count * seg) // 8]
-        return _POPCOUNT[bytes_].reshape(k, count, seg // 8).sum(axis=2, dtype=np.int64)
+        return POPCOUNT[bytes_].reshape(k, count, seg // 8).sum(axis=2, dtype=np.int64)
     bits = np.unpackbits(masks, axis=1, bitorder="little")[:, first: first + count * seg]
     return bits.reshape(k, count, seg).sum(axis=2, dtype=np.int64)
 

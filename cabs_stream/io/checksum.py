@@ -1,0 +1,21 @@
+"""The checksum of every record a run keeps (chunk bytes, masks, store contents): CRC-32."""
+
+from __future__ import annotations
+
+import zlib
+
+import numpy as np
+
+
+def crc(data: np.ndarray | bytes | memoryview) -> int:
+    """CRC-32 of the bytes of ``data``."""
+    return zlib.crc32(memoryview(data).cast("B") if not isinstance(data, bytes) else data)
+
+
+def combine(first: int, parts: list[np.ndarray]) -> int:
+    """One CRC for a record made of ``first`` (a CRC) and ``parts`` in order (the rule a
+    task-vector store uses for a chunk's masks and each model's values)."""
+    c = first
+    for i, p in enumerate(parts):
+        c = crc(p) ^ (c * 31 + i) & 0xFFFFFFFF
+    return c
