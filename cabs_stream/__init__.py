@@ -20,7 +20,9 @@ _API = {
     "EngineOptions": "options", "SCHEDULERS": "options",
 }
 
-__all__ = [*_API, "__version__"]
+__all__ = ["merge", "prune", "merge_from_store", "MergeResult", "sweep", "MergeConfig", "ModelSpec", "build_config",
+           "load_config", "CabsError", "CheckpointError", "ConfigError", "OutputError", "EngineOptions", "SCHEDULERS",
+           "__version__"]
 
 if TYPE_CHECKING:  # pragma: no cover
     from .config import MergeConfig, ModelSpec, build_config, load_config

@@ -160,11 +160,12 @@ def execute(cfg: MergeConfig, work: str, engine: EngineOptions, *, dry: bool = F
                           "task-vector store does not keep; merge directly (or use the base's vocabulary)")
     method: Method = source or cfg.spec
     needs = method.needs(cfg)
+    prep = [method.prepare(cfg, t) if t.merged else None for t in plan.tensors]  # may refuse a parameter
     fp = _fingerprint(plan, masks=engine.save_masks, dry=dry, store=store is not None,
                       source=source.store_fingerprint if source else None)
     os.makedirs(work, exist_ok=True)
     state, previous, reopened = WorkState.open(os.path.join(work, "state.zarr"), fp, len(plan.chunks), cfg.k)
-    ctx = _open_run(plan, method, work, engine, state, fp, reopened, dry, store, needs)
+    ctx = _open_run(plan, method, prep, work, engine, state, fp, reopened, dry, store, needs)
     with LeaseGuard([f for ck in (plan.base, *plan.models) for f in ck.files]), ctx:
         todo, resumed = _chunks_to_merge(ctx, previous)
         t_plan = time.monotonic()
@@ -181,14 +182,13 @@ def execute(cfg: MergeConfig, work: str, engine: EngineOptions, *, dry: bool = F
                          {"plan": t_plan - t0, "merge": t_merge - t_plan, "total": t_merge - t0})
 
 
-def _open_run(plan: Plan, method: Method, work: str, engine: EngineOptions, state: WorkState, fp: str,
-              reopened: bool, dry: bool, store: str | None, needs: Needs) -> RunContext:
-    """The run context: per-tensor parameters, the output shards, the saved masks and the
-    task-vector store (each reopened when resuming the same configuration)."""
+def _open_run(plan: Plan, method: Method, prep: list[Any], work: str, engine: EngineOptions, state: WorkState,
+              fp: str, reopened: bool, dry: bool, store: str | None, needs: Needs) -> RunContext:
+    """The run context: the output shards, the saved masks and the task-vector store (each
+    reopened when resuming the same configuration)."""
     cfg = plan.config
     k = cfg.k
     model_dir = _model_dir(work)
-    prep = [method.prepare(cfg, t) if t.merged else None for t in plan.tensors]
     shards = None if dry else output.ShardFiles(
         output.preallocate(plan.shards, model_dir, resume=reopened, keep=(MASKS_NAME,) if engine.save_masks else ()))
     masks = None

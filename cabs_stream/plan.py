@@ -160,8 +160,8 @@ def match_tensors(config: MergeConfig, base: Checkpoint, models: list[Checkpoint
             for p, info in enumerate(parts):
                 if int(align.perm[p].max(initial=-1)) >= info.shape[0]:
                     who = base if p == 0 else models[p - 1]
-                    raise CheckpointError(f"the tokenizer gives ids up to {int(align.perm[p].max())} but the tensor has "
-                                          f"{info.shape[0]} rows", model=who.label, file=info.file, tensor=name)
+                    raise CheckpointError(f"the tokenizer gives ids up to {int(align.perm[p].max())} but the tensor "
+                                          f"has {info.shape[0]} rows", model=who.label, file=info.file, tensor=name)
             dtype = vocab.promoted([x.dtype for x in parts])
             b, fts = (vocab.RowsTensor(name, parts, 0, align, dtype),
                       tuple(vocab.RowsTensor(name, parts, p, align, dtype) for p in range(1, len(parts))))

@@ -16,7 +16,7 @@ from cabs_stream.errors import CabsError, ConfigError
 from cabs_stream.methods import registry
 from cabs_stream.methods.base import Param
 
-from .common import cli_errors, fail, print_summary
+from .common import cli_errors, print_summary
 
 
 def _size(ctx, param, value):
@@ -43,7 +43,8 @@ def engine_options(f):
                      default="threads", show_default=True, help="Dask scheduler that runs the chunks."),
         click.option("--shard-size", default="5GB", show_default=True, metavar="SIZE",
                      help="Maximum size of an output safetensors shard."),
-        click.option("--overwrite", is_flag=True, help="Replace OUT_DIR if it exists (only once the merge is complete)."),
+        click.option("--overwrite", is_flag=True,
+                     help="Replace OUT_DIR if it exists (only once the merge is complete)."),
         click.option("--save-masks", is_flag=True,
                      help="Keep the bit-packed masks (1 bit per parameter per model) as a Zarr store, "
                           "OUT_DIR/cabs_masks.zarr."),
@@ -139,7 +140,9 @@ def _collect(values: dict) -> tuple[dict, dict[str, list]]:
               help="Lambda of each --model's task vector, in the same order (default 1.0).")
 @method_options
 @click.option("--dtype", default=None, help="Output dtype: bfloat16, float16 or float32 (default: the base's).")
-@click.option("--tokenizer-source", default=None, help="The output's vocabulary and tokenizer: base (default), union, or a model folder (rows of embeddings and lm_head aligned by token as mergekit does).")
+@click.option("--tokenizer-source", default=None,
+              help="The output's vocabulary and tokenizer: base (default), union, or a model folder (rows of "
+                   "embeddings and lm_head aligned by token as mergekit does).")
 @click.option("--exclude", multiple=True, metavar="PATTERN",
               help="Keep tensors whose name contains PATTERN from the base (repeat), e.g. embed_tokens.")
 @click.option("--allow-missing", is_flag=True,

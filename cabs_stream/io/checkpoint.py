@@ -6,9 +6,7 @@ itself is read through the run's memory maps (``inputs.py``).
 
 from __future__ import annotations
 
-import json
 import os
-import stat
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 

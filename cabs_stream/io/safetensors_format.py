@@ -98,7 +98,8 @@ def read_header(path: str, model: str | None = None) -> tuple[dict[str, TensorIn
         dtype, shape, offs = entry["dtype"], entry["shape"], entry["data_offsets"]
         if not isinstance(dtype, str) or dtype not in ITEMSIZE:
             raise fail(f"unknown dtype {dtype!r}", name)
-        if not isinstance(shape, list) or len(shape) > MAX_DIMS or not all(_is_int(d) and 0 <= d < 2**48 for d in shape):
+        if (not isinstance(shape, list) or len(shape) > MAX_DIMS
+                or not all(_is_int(d) and 0 <= d < 2**48 for d in shape)):
             raise fail(f"invalid shape {shape!r}", name)
         if (not isinstance(offs, list) or len(offs) != 2 or not all(_is_int(o) for o in offs)
                 or not 0 <= offs[0] <= offs[1]):

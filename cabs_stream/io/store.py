@@ -25,7 +25,7 @@ import math
 import mmap
 import os
 import warnings
-from typing import Any, Callable, Protocol, Sequence
+from typing import Any, Protocol, Sequence
 
 import numpy as np
 import zarr
@@ -156,7 +156,8 @@ class TaskVectorStore(LazyGroup):
         ``zarr.json``, so a merge from the store reads one file for each, not one per chunk
         (counts) or three per tensor (metadata)."""
         rows = np.asarray(rows, np.int64)
-        self.group().create_array("counts", shape=rows.shape, chunks=rows.shape, dtype="int64", overwrite=True)[:] = rows
+        counts = self.group().create_array("counts", shape=rows.shape, chunks=rows.shape, dtype="int64", overwrite=True)
+        counts[:] = rows
         with warnings.catch_warnings():  # "not part of the Zarr v3 specification": a reader
             warnings.simplefilter("ignore")  # without it reads each array's own zarr.json
             zarr.consolidate_metadata(self.path)

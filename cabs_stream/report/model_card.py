@@ -33,7 +33,8 @@ def model_card(cfg: MergeConfig, report: dict, title: str) -> str:
              f"# {title}", "",
              f"Merged with cabs-stream {__version__}, method "
              f"`{cfg.method}` ({cfg.spec.summary}; [paper]({cfg.spec.paper})), "
-             + (f"from `{d['base_model']}` and {k} fine-tuned models." if d["base_model"] else f"of {k} models."), "", "## Recipe", "", "```yaml",
+             + (f"from `{d['base_model']}` and {k} fine-tuned models." if d["base_model"] else f"of {k} models."),
+             "", "## Recipe", "", "```yaml",
              yaml.safe_dump(recipe, sort_keys=False).strip(), "```", "",
              "## What the merge kept", "", "| model | density |", "|---|---|"]
     lines += [f"| `{m}` | {dens:.4f} |" for m, dens in zip(report["models"], report["density"])]
