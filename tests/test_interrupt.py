@@ -128,3 +128,34 @@ def test_full_disk_fails_cleanly_then_resumes(fam, tmp_path):
     assert r.returncode == 0, r.stderr
     assert shard_digests(out) == fam["ref"]
     assert inputs_unchanged(fam)
+
+
+@pytest.mark.parametrize("command", ["prune", "cabs-stream-yaml"])
+def test_ctrl_c_in_every_command_says_rerun_resumes(fam, tmp_path, command):
+    """Ctrl-C in prune and cabs-stream-yaml, as in merge: exit 130, a line saying a rerun
+    resumes, nothing under the final name; the rerun completes to the same bytes."""
+    recipe = tmp_path / "recipe.yml"
+    recipe.write_text(f"merge_method: cabs\nbase_model: {fam['base']}\nmodels:\n"
+                      + "".join(f"  - model: {f}\n" for f in fam["fts"]) + "parameters: {n: 64, m: 256}\n")
+    out = str(tmp_path / "out")
+    if command == "prune":
+        args = [sys.executable, "-m", "cabs_stream_cli.main", "prune", str(recipe), out, "--chunk-size", "2048",
+                "--workers", "2", "--quiet"]
+    else:
+        args = [sys.executable, "-m", "cabs_stream_cli.mergekit_yaml", str(recipe), out, "-j", "2", "--quiet"]
+    proc = subprocess.Popen(args, stderr=subprocess.PIPE, text=True, preexec_fn=default_signals)
+    deadline = time.monotonic() + 120
+    while done_chunks(out) < 5 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.002)
+    assert proc.poll() is None, "the run ended before it could be interrupted"
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "interrupted: nothing was written under the output name; rerun the same command to resume" in err
+    assert "Aborted!" not in err and "Traceback" not in err
+    assert not os.path.exists(out)
+    r = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    if command == "cabs-stream-yaml":
+        assert shard_digests(out) == fam["ref"]
+    assert inputs_unchanged(fam)
