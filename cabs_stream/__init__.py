@@ -14,7 +14,7 @@ from ._version import __version__
 #: public name -> the module that defines it
 _API = {
     "merge": "pipeline", "prune": "pipeline", "merge_from_store": "pipeline", "MergeResult": "pipeline",
-    "sweep": "sweep",
+    "sweep": "lambda_search",
     "MergeConfig": "config", "ModelSpec": "config", "build_config": "config", "load_config": "config",
     "CabsError": "errors", "CheckpointError": "errors", "ConfigError": "errors", "OutputError": "errors",
     "EngineOptions": "options", "SCHEDULERS": "options",
@@ -29,7 +29,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .errors import CabsError, CheckpointError, ConfigError, OutputError
     from .options import SCHEDULERS, EngineOptions
     from .pipeline import MergeResult, merge, merge_from_store, prune
-    from .sweep import sweep
+    from .lambda_search import sweep
 
 
 def __getattr__(name: str) -> Any:

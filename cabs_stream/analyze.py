@@ -13,7 +13,7 @@ import json
 import os
 import re
 import shutil
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import zarr
@@ -54,7 +54,7 @@ def variant(cfg: MergeConfig, method: str, sparsity: float) -> MergeConfig:
 def heatmap(masks_path: str, tensor: str, shape: tuple[int, ...], model: int, bins: int = 64) -> np.ndarray:
     """Kept fraction per cell of a (bins x bins) grid over a 2-D tensor, from its packed mask."""
     rows, cols = shape[0], int(np.prod(shape[1:]))
-    arr = zarr.open_group(masks_path, mode="r")[tensor]
+    arr = cast(zarr.Array, zarr.open_group(masks_path, mode="r")[tensor])
     rb, cb = min(bins, rows), min(bins, cols)
     r_edges = np.linspace(0, rows, rb + 1).astype(int)
     c_edges = np.linspace(0, cols, cb + 1).astype(int)
@@ -63,7 +63,7 @@ def heatmap(masks_path: str, tensor: str, shape: tuple[int, ...], model: int, bi
     for r0 in range(0, rows, block):
         r1 = min(rows, r0 + block)
         a, b = r0 * cols, r1 * cols
-        raw = arr[model, a // 8: -(-b // 8)]
+        raw = np.asarray(arr[model, a // 8: -(-b // 8)])  # already an ndarray (uint8): no copy
         bits = np.unpackbits(raw, bitorder="little")[a - a // 8 * 8: a - a // 8 * 8 + (b - a)].reshape(r1 - r0, cols)
         per_col_cell = np.add.reduceat(bits, c_edges[:-1], axis=1)
         cell_rows = np.searchsorted(r_edges, np.arange(r0, r1), side="right") - 1

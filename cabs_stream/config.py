@@ -322,12 +322,12 @@ def build_config(*, method: str = "cabs", base: str | None, models: list[str] | 
         raise ConfigError(f"merge_method {spec.name} needs a base_model (task vectors are taken from it); only "
                           + ", ".join(n for n in registry.names() if registry.get(n).base_optional)
                           + " can run without one")
-    for s in models:
-        if not isinstance(s, (ModelSpec, str, os.PathLike)):
-            raise ConfigError(f"a model must be a path, got {_short(s)}")
-    for what, v in (("dtype", dtype), ("tokenizer_source", tokenizer_source)):
-        if v is not None and not isinstance(v, (str, os.PathLike)):
-            raise ConfigError(f"{what} must be a string, got {_short(v)}")
+    for model in models:
+        if not isinstance(model, (ModelSpec, str, os.PathLike)):
+            raise ConfigError(f"a model must be a path, got {_short(model)}")
+    for what, text in (("dtype", dtype), ("tokenizer_source", tokenizer_source)):
+        if text is not None and not isinstance(text, (str, os.PathLike)):
+            raise ConfigError(f"{what} must be a string, got {_short(text)}")
     if tokenizer_source == "base":  # mergekit's keyword for the default: the base's vocabulary
         tokenizer_source = None
     specs = [s if isinstance(s, ModelSpec) else ModelSpec(str(s)) for s in models]
@@ -335,6 +335,7 @@ def build_config(*, method: str = "cabs", base: str | None, models: list[str] | 
         raise ConfigError("at least one fine-tuned model is required")
     if not base_given:
         base = specs[0].path  # lays out the output (tensors, config, tokenizer), as in mergekit
+    assert base is not None  # given, or the first model's
     paths = [s.path for s in specs]
     if weights:
         if len(weights) != len(specs):
@@ -360,7 +361,7 @@ def build_config(*, method: str = "cabs", base: str | None, models: list[str] | 
         if p is None:
             raise _not_for_method(key, spec, "parameters")
         shared[key] = check_value(p, v, "parameters", paths)
-    checked = []
+    owns = []
     for s in specs:
         own = {}
         for key, v in s.params:
@@ -371,10 +372,10 @@ def build_config(*, method: str = "cabs", base: str | None, models: list[str] | 
                 raise ConfigError(f"parameter {key!r} of {s.path} is global for {spec.name}; "
                                   "give it under the top-level parameters")
             own[key] = check_value(p, v, f"parameters of {s.path}")
-        checked.append(own)
-    shared = spec.resolve(shared, len(checked))
+        owns.append(own)
+    shared = spec.resolve(shared, len(owns))
     checked = [ModelSpec(s.path, spec.resolve_model(own, shared, f"parameters of {s.path}"))
-               for s, own in zip(specs, checked)]
+               for s, own in zip(specs, owns)]
 
     real = os.path.realpath
     seen: dict[str, str] = {real(base): base} if base_given else {}
@@ -403,10 +404,10 @@ def load_config(path: str, **overrides: Any) -> MergeConfig:
             raise ConfigError(f"config {path} is larger than {MAX_YAML_BYTES >> 10} KiB; a merge recipe is far smaller")
         with open(path, encoding="utf-8") as f:
             doc = yaml.safe_load(f)
-    except OSError as e:
-        raise ConfigError(f"cannot read config {path}: {e.strerror}") from None
-    except (yaml.YAMLError, UnicodeDecodeError, RecursionError) as e:
-        raise ConfigError(f"config {path} is not valid YAML: {' '.join(str(e).split())[:300]}") from None
+    except OSError as err:
+        raise ConfigError(f"cannot read config {path}: {err.strerror}") from None
+    except (yaml.YAMLError, UnicodeDecodeError, RecursionError) as err:
+        raise ConfigError(f"config {path} is not valid YAML: {' '.join(str(err).split())[:300]}") from None
     _check_size(doc, path)
     if not isinstance(doc, dict):
         raise ConfigError(f"config {path} must be a mapping with merge_method, base_model and models")
@@ -486,6 +487,7 @@ def _nm_spellings(params: dict, spellings: dict[str, str], where: str) -> dict:
         if key not in params:
             continue
         value = params.pop(key)
+        pairs: Iterable[tuple[str, Any]]
         if meaning == "n:m":
             if not (isinstance(value, list) and len(value) == 2):
                 raise ConfigError(f"{where}: {key} must be [n, m], got {_short(value)}")

@@ -18,7 +18,7 @@ class TensorJob:
     name: str
     shape: tuple[int, ...]
     out_dtype: str
-    base: TensorInfo
+    base: TensorInfo | Computed  # a vocabulary tensor's aligned rows are computed (vocab.RowsTensor)
     fts: tuple[TensorInfo | Computed, ...]  # empty for tensors copied from the base
     shard: int
     out_start: int  # absolute byte offset in the output shard

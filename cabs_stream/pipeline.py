@@ -232,7 +232,7 @@ def _run_graph(ctx: RunContext, needs: Needs, todo: list[int], engine: EngineOpt
     plan = ctx.plan
     dsk = graph.build(schedule.reference(ctx, engine.scheduler), plan, needs, todo, dry)
     keys = [key for key in dsk if key[0] in ("chunk", "copy")]
-    sizes = {}
+    sizes: dict[object, tuple[int, int]] = {}  # task key -> (elements, input bytes), as MergeProgress takes
     for i in todo:
         c = plan.chunks[i]
         t = plan.tensors[c.tensor]

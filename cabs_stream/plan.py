@@ -96,7 +96,7 @@ def tensor_chunk_size(chunk_size: int, m: int, shape: tuple[int, ...], whole_row
 _VOCAB_NAMES = ("embed_tokens", "lm_head", "wte", "word_embeddings", "embed_out", "tok_embeddings", "embed_in")
 
 
-def is_vocab_tensor(name: str, b: TensorInfo, rows: int | None) -> bool:
+def is_vocab_tensor(name: str, b: TensorInfo | Computed, rows: int | None) -> bool:
     """Whether a base tensor is indexed by token: its first dimension is the vocabulary (the
     config's vocab_size; without one, an embedding or lm_head by name)."""
     if len(b.shape) < 2:
@@ -106,12 +106,12 @@ def is_vocab_tensor(name: str, b: TensorInfo, rows: int | None) -> bool:
 
 def match_tensors(config: MergeConfig, base: Checkpoint, models: list[Checkpoint],
                   align: vocab.Alignment | None = None) \
-        -> tuple[list[tuple[str, TensorInfo, tuple[TensorInfo | Computed, ...]]], list[str]]:
+        -> tuple[list[tuple[str, TensorInfo | Computed, tuple[TensorInfo | Computed, ...]]], list[str]]:
     """Pair every base tensor with the fine-tuned ones (a LoRA model's target tensors and
     recast stored tensors are ``inputs.Computed``); raise on any mismatch. Vocabulary
     tensors of fine-tunes with more rows than the base are cut to the base's rows (noted), or,
     with ``align``, every model's rows are aligned to the output vocabulary (vocab.py)."""
-    out = []
+    out: list[tuple[str, TensorInfo | Computed, tuple[TensorInfo | Computed, ...]]] = []
     rows = vocab.config_vocab_size(base.root) if base.root else None
     dropped: dict[str, tuple[int, set[str]]] = {}
     for name, b in base.tensors.items():
@@ -129,7 +129,7 @@ def match_tensors(config: MergeConfig, base: Checkpoint, models: list[Checkpoint
             out.append((name, b, tuple(b for _ in models)))
             continue
         by_token = is_vocab_tensor(name, b, rows)
-        fts = []
+        fts: list[TensorInfo | Computed] = []
         for mdl in models:
             f = mdl.tensors.get(name)
             if f is None:
@@ -153,6 +153,10 @@ def match_tensors(config: MergeConfig, base: Checkpoint, models: list[Checkpoint
                 extra = f.shape[0] - b.shape[0]
                 seen = dropped.setdefault(mdl.label, (extra, set()))
                 dropped[mdl.label] = (max(seen[0], extra), seen[1] | {name})
+                if not isinstance(f, TensorInfo):  # cut by its byte range: only a tensor read from a file
+                    raise CheckpointError(f"has {extra} more vocabulary rows than the base and is computed (a LoRA "
+                                          "target or a recast tensor), so its extra rows cannot be cut; use "
+                                          "tokenizer_source: union or this model", model=mdl.label, tensor=name)
                 f = TensorInfo(f.name, f.dtype, b.shape, f.file, f.start, b.numel * ITEMSIZE[f.dtype])
             fts.append(f)
         if align is not None and by_token:
@@ -164,7 +168,7 @@ def match_tensors(config: MergeConfig, base: Checkpoint, models: list[Checkpoint
                                           f"has {info.shape[0]} rows", model=who.label, file=info.file, tensor=name)
             dtype = vocab.promoted([x.dtype for x in parts])
             b, fts = (vocab.RowsTensor(name, parts, 0, align, dtype),
-                      tuple(vocab.RowsTensor(name, parts, p, align, dtype) for p in range(1, len(parts))))
+                      [vocab.RowsTensor(name, parts, p, align, dtype) for p in range(1, len(parts))])
         out.append((name, b, tuple(fts)))
     for label, (extra, names) in dropped.items():
         warnings.warn(f"{label} has {extra} more vocabulary rows than the base ({', '.join(sorted(names))}): "
@@ -230,7 +234,8 @@ def make_plan(config: MergeConfig, chunk_size: int, shard_size: int, convert_dir
     chunk_size = align_chunk_size(chunk_size, m)
 
     # Output shards: tensors in base order, a new shard when the next one would overflow.
-    groups: list[list[tuple[str, str, tuple[int, ...], TensorInfo, tuple[TensorInfo, ...]]]] = [[]]
+    groups: list[list[tuple[str, str, tuple[int, ...], TensorInfo | Computed,
+                            tuple[TensorInfo | Computed, ...]]]] = [[]]
     used = 0
     for name, b, fts in matched:
         own = b.parts[0].dtype if isinstance(b, vocab.RowsTensor) else b.dtype  # the base's, not the aligned rows'

@@ -37,7 +37,7 @@ class LlamaShape:
 
     def tensors(self) -> list[tuple[str, tuple[int, ...]]]:
         h, kv = self.hidden, self.hidden // self.heads * self.kv_heads
-        out = [("model.embed_tokens.weight", (self.vocab, h))]
+        out: list[tuple[str, tuple[int, ...]]] = [("model.embed_tokens.weight", (self.vocab, h))]
         for i in range(self.layers):
             p = f"model.layers.{i}."
             out += [(p + "self_attn.q_proj.weight", (h, h)), (p + "self_attn.k_proj.weight", (kv, h)),

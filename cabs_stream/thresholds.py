@@ -158,7 +158,10 @@ def find(keys: Keys, chunks: list[int], ranks: list[tuple[int, int]] | Callable[
     """All passes over one group of chunks (in order): thresholds and tie budgets
     (len(chunks), rows, 2) for ``ranks``, or for ``ranks(totals)`` where totals[r] is the
     number of non-zero keys of row r (then ``rows`` says how many rows the keys have)."""
-    hist = high_histogram(keys, chunks, rows or len(ranks))
+    if not rows:
+        assert not callable(ranks), "rows is needed when ranks is a function"
+        rows = len(ranks)
+    hist = high_histogram(keys, chunks, rows)
     if callable(ranks):
         ranks = ranks(hist.sum(axis=1))
     loc = locate_high(hist, ranks)

@@ -12,7 +12,7 @@ import zarr
 from click.testing import CliRunner
 
 from cabs_stream import ConfigError, build_config, merge, merge_from_store, prune, sweep
-from cabs_stream.sweep import grid, score_of
+from cabs_stream.lambda_search import grid, score_of
 from cabs_stream_cli.main import main as cli
 from conftest import killed_after, load_model, shard_bytes, write_model
 

@@ -111,7 +111,8 @@ def pattern_value(patterns: dict, module: str, default: float) -> float:
 
 def _number(v: object, what: str, label: str, path: str, integer: bool = False) -> float:
     ok = isinstance(v, int) if integer else isinstance(v, (int, float)) and math.isfinite(v)
-    if isinstance(v, bool) or not ok or v <= 0:
+    # (ok means v is an int or a float: the isinstance only tells the type checker)
+    if isinstance(v, bool) or not ok or not isinstance(v, (int, float)) or v <= 0:
         raise CheckpointError(f"{what} must be a positive {'integer' if integer else 'number'}, got {v!r}",
                               model=label, file=path)
     return v
@@ -167,7 +168,7 @@ def read_config(config: str, label: str) -> Settings:
     rslora, fifo = doc.get("use_rslora", False), doc.get("fan_in_fan_out", False)
     if not isinstance(rslora, bool) or not isinstance(fifo, bool):
         raise CheckpointError("use_rslora and fan_in_fan_out must be true or false", model=label, file=config)
-    return Settings(_number(doc.get("r", 8), "r", label, config, integer=True),  # PEFT's defaults
+    return Settings(int(_number(doc.get("r", 8), "r", label, config, integer=True)),  # PEFT's defaults
                     _number(doc.get("lora_alpha", 8), "lora_alpha", label, config), rslora, fifo,
                     _patterns(doc, "rank_pattern", label, config, integer=True),
                     _patterns(doc, "alpha_pattern", label, config, integer=False))
@@ -229,13 +230,14 @@ def attach(label: str, adapter: Adapter, under: Checkpoint) -> Checkpoint:
     for name, info in adapter.replacements.items():
         own = under.tensors.get(name)
         cast = own is not None and own.dtype != info.dtype and own.dtype in FLOAT_CODES and info.dtype in FLOAT_CODES
-        tensors[name] = CastTensor(name, info, own.dtype) if cast else info
+        tensors[name] = CastTensor(name, info, own.dtype) if cast and own is not None else info
     for name, f in adapter.targets.items():
         own = under.tensors.get(name)
         w = adapter.replacements.get(name) or own
         where = dict(model=label, file=adapter.weights, tensor=f.key)
         if own is None:
             raise CheckpointError(f"the LoRA target {name} is not in {under.label}", **where)
+        assert isinstance(w, TensorInfo)  # a replacement, or a tensor of a checkpoint as opened
         if own.dtype not in FLOAT_CODES or w.dtype not in FLOAT_CODES:
             raise CheckpointError(f"the LoRA target {name} has dtype {w.dtype} (expected BF16, F16 or F32)", **where)
         if w.shape != own.shape:
@@ -267,7 +269,7 @@ def open_model(spec: str, base_spec: str, base: Checkpoint, open_checkpoint: Cal
     under_spec, folder = split
     same = under_spec is None or (os.path.realpath(hub.local_path(under_spec))
                                   == os.path.realpath(hub.local_path(base_spec)))
-    return attach(spec, open_adapter(folder, spec), base if same else open_checkpoint(under_spec))
+    return attach(spec, open_adapter(folder, spec), base if same or under_spec is None else open_checkpoint(under_spec))
 
 
 def memory_needs(specs: Iterable[str]) -> tuple[float, int]:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Mapping
 
 from . import hub, torch_bin
 from ..errors import CheckpointError
@@ -30,7 +30,7 @@ class Checkpoint:
     label: str
     root: str  # folder holding config/tokenizer files ("" for a bare file)
     files: list[str]  # every file the model's identity covers (an adapter's config and weights too)
-    tensors: dict[str, "TensorInfo | Computed"] = field(repr=False)
+    tensors: Mapping[str, "TensorInfo | Computed"] = field(repr=False)
 
 
 def open_checkpoint(path: str, convert_dir: str | None = None) -> Checkpoint:
@@ -52,8 +52,8 @@ def open_checkpoint(path: str, convert_dir: str | None = None) -> Checkpoint:
         if not path.endswith(".safetensors"):
             raise CheckpointError("not a .safetensors file (give a Hugging Face folder or a .safetensors file)",
                                   model=label, file=path)
-        tensors, _ = read_header(path, label)
-        return Checkpoint(label, "", [path], tensors)
+        header, _ = read_header(path, label)
+        return Checkpoint(label, "", [path], header)
     if not os.path.isdir(path):
         raise CheckpointError("no such file or folder", model=label)
 
@@ -83,6 +83,7 @@ def _open_indexed(label: str, root: str, index: str) -> Checkpoint:
     doc = load_json(index, label, "index")
     weight_map = doc.get("weight_map") if isinstance(doc, dict) else None
     shards = shard_names(weight_map, label, index)
+    assert isinstance(weight_map, dict)  # shard_names raised otherwise
     headers = {}
     for shard in shards:
         p = os.path.join(root, shard)

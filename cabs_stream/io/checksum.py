@@ -9,7 +9,10 @@ import numpy as np
 
 def crc(data: np.ndarray | bytes | memoryview) -> int:
     """CRC-32 of the bytes of ``data``."""
-    return zlib.crc32(memoryview(data).cast("B") if not isinstance(data, bytes) else data)
+    if isinstance(data, bytes):
+        return zlib.crc32(data)
+    # an array's .data is memoryview(array) (numpy's stubs give ndarray the buffer protocol on 3.12+ only)
+    return zlib.crc32((data.data if isinstance(data, np.ndarray) else memoryview(data)).cast("B"))
 
 
 def combine(first: int, parts: list[np.ndarray]) -> int:

@@ -13,7 +13,8 @@ import mmap
 import os
 import signal
 import threading
-from typing import Any, Callable
+from types import FrameType
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
@@ -55,6 +56,15 @@ class Computed:
     name: str
     dtype: str
 
+    # Every subclass gives nbytes and file; declared for the type checker only (LoraTensor's
+    # ``file`` is a dataclass field, which a property here would shadow at run time).
+    if TYPE_CHECKING:
+        @property
+        def nbytes(self) -> int: ...
+
+        @property
+        def file(self) -> str: ...
+
     @property
     def shape(self) -> tuple[int, ...]:
         raise NotImplementedError
@@ -67,7 +77,7 @@ class Computed:
         """The file ranges of the sources a chunk of elements reads (for read-ahead)."""
         raise NotImplementedError
 
-    def chunk_words(self, start: int, count: int, words: Callable[[TensorInfo, int, int], np.ndarray],
+    def chunk_words(self, start: int, count: int, words: Callable[[TensorInfo | Computed, int, int], np.ndarray],
                     scratch: Callable[[str, tuple[int, ...], Any], np.ndarray], slot: int) -> np.ndarray:
         """Raw words (in ``dtype``) of elements [start, start + count), in the thread's buffer ``slot``."""
         raise NotImplementedError
@@ -142,7 +152,7 @@ class InputMaps:
         arr.flags.writeable = False
         return arr
 
-    def read_chunk(self, base: TensorInfo, fts: tuple[TensorInfo | Computed, ...], start: int, count: int) \
+    def read_chunk(self, base: TensorInfo | Computed, fts: tuple[TensorInfo | Computed, ...], start: int, count: int) \
             -> tuple[np.ndarray, tuple[np.ndarray, ...]]:
         """Raw 16-bit words of elements [start, start + count) of the base and each fine-tuned
         tensor: the one place the methods and the prepass readers read model words through
@@ -186,7 +196,7 @@ class LeaseGuard:
     def __init__(self, files: list[str]) -> None:
         self.files = files
         self.fds: dict[int, str] = {}
-        self.old = None
+        self.old: Callable[[int, FrameType | None], Any] | int | None = None
         self.broken: str | None = None
 
     def __enter__(self) -> "LeaseGuard":
@@ -208,6 +218,7 @@ class LeaseGuard:
 
     def _on_break(self, signum: int, frame: object) -> None:
         if self.broken is None:
+            assert fcntl is not None  # installed by __enter__ only with fcntl
             breaking = [p for fd, p in self.fds.items() if fcntl.fcntl(fd, fcntl.F_GETLEASE) == fcntl.F_UNLCK]
             self.broken = (breaking or list(self.fds.values()) or ["an input file"])[0]
             raise changed(self.broken)

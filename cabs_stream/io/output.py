@@ -3,7 +3,7 @@
 
 Layout while running: ``<parent>/.<name>.cabs-partial/`` holding ``lock`` (held by the run
 that writes there), ``model/`` (the future output: preallocated shards with their final
-headers) and ``state.zarr`` (the resume record, ``run/workstate.py``). On success ``model/``
+headers) and ``state.zarr`` (the resume record, ``io/workstate.py``). On success ``model/``
 is completed (index, config and tokenizer files, manifest, report), flushed to disk and
 renamed to ``<name>``.
 """
@@ -217,7 +217,7 @@ class ShardFiles:
         return {"paths": self.paths}
 
     def __setstate__(self, state: dict) -> None:
-        self.__init__(state["paths"])
+        ShardFiles.__init__(self, state["paths"])
 
 
 class ShardLayout(Protocol):

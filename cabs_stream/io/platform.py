@@ -12,7 +12,10 @@ import mmap
 import os
 import sys
 import threading
+from types import ModuleType
 
+fcntl: ModuleType | None
+resource: ModuleType | None
 try:
     import fcntl
 except ImportError:  # Windows
@@ -84,8 +87,10 @@ def lock_exclusive(fd: int) -> None:
     locks die with their process; the fallback (``msvcrt`` on Windows, else an O_EXCL-style
     check of the holder's pid written in the file) does the same for a process that is gone."""
     if FAST["flock"]:
+        assert fcntl is not None  # FAST["flock"] is only true with fcntl
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         return
+    msvcrt: ModuleType | None
     try:
         import msvcrt
     except ImportError:

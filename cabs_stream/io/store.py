@@ -25,7 +25,7 @@ import math
 import mmap
 import os
 import warnings
-from typing import Any, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, Protocol, Sequence, cast
 
 import numpy as np
 import zarr
@@ -36,6 +36,9 @@ from ..errors import ConfigError
 from ..stats import width as counts_width
 from .checksum import combine, crc
 from .workstate import LazyGroup
+
+if TYPE_CHECKING:
+    from zarr.core.metadata import ArrayV3Metadata
 
 FORMAT = "cabs-stream task-vector store 1"
 
@@ -83,7 +86,7 @@ class TaskVectorStore(LazyGroup):
     def __init__(self, path: str, nm: tuple[tuple[int, ...], int] | None = None) -> None:
         super().__init__(path)
         self.nm = nm  # (n per model, m) for the compact layout, else None
-        self._arrays: dict[tuple[str, str], zarr.Array] = {}
+        self._arrays: dict[tuple[str, ...], zarr.Array] = {}
 
     def array(self, tensor: str, name: str) -> zarr.Array:
         """An array of the store, opened once per run and process (its metadata read once)."""
@@ -97,7 +100,7 @@ class TaskVectorStore(LazyGroup):
                                          if isinstance(a, zarr.Array) and p.count("/") == 1})
             arr = self._arrays.get(key)
             if arr is None:
-                arr = self._arrays[key] = g[tensor][name]
+                arr = self._arrays[key] = cast(zarr.Array, cast(zarr.Group, g[tensor])[name])
         return arr
 
     def __getstate__(self) -> dict:
@@ -148,16 +151,17 @@ class TaskVectorStore(LazyGroup):
     # ------------------------------------------------------------------ writing (prune)
     def write_counts(self, index: int, row: np.ndarray) -> None:
         """A chunk's counts (kept, overlap, balance): lambda-independent, reused by every point."""
-        self.group()["chunk_counts"][index] = row
+        cast(zarr.Array, self.group()["chunk_counts"])[index] = row
 
     def finish(self, rows: list[np.ndarray]) -> None:
         """Once the prune is complete: every chunk's counts in one array of one chunk
         (``counts``), and the metadata of every array consolidated into the root's
         ``zarr.json``, so a merge from the store reads one file for each, not one per chunk
         (counts) or three per tensor (metadata)."""
-        rows = np.asarray(rows, np.int64)
-        counts = self.group().create_array("counts", shape=rows.shape, chunks=rows.shape, dtype="int64", overwrite=True)
-        counts[:] = rows
+        table = np.asarray(rows, np.int64)
+        counts = self.group().create_array("counts", shape=table.shape, chunks=table.shape, dtype="int64",
+                                           overwrite=True)
+        counts[:] = table
         with warnings.catch_warnings():  # "not part of the Zarr v3 specification": a reader
             warnings.simplefilter("ignore")  # without it reads each array's own zarr.json
             zarr.consolidate_metadata(self.path)
@@ -168,7 +172,8 @@ class TaskVectorStore(LazyGroup):
         with self._lock:  # read once per run, by the first chunk that asks
             if getattr(self, "_counts", None) is None:
                 try:
-                    self._counts = np.asarray(g["counts"][:] if "counts" in g else g["chunk_counts"][:], np.int64)
+                    self._counts = np.asarray(cast(zarr.Array, g["counts"])[:] if "counts" in g
+                                              else cast(zarr.Array, g["chunk_counts"])[:], np.int64)
                 except KeyError:
                     return None
         c = self._counts
@@ -214,7 +219,7 @@ class TaskVectorStore(LazyGroup):
         arr = self.array(tensor, name)
         endian = getattr(arr.serializer, "endian", None)
         little = endian is None or str(getattr(endian, "value", endian)) == "little"
-        encoding = arr.metadata.chunk_key_encoding
+        encoding = cast("ArrayV3Metadata", arr.metadata).chunk_key_encoding  # the store is always Zarr v3
         lead = arr.shape[:-1]
         if (arr.compressors or arr.filters or not little or getattr(encoding, "separator", None) != "/"
                 or (lead and arr.chunks[:-1] != lead)):
@@ -247,7 +252,7 @@ class TaskVectorStore(LazyGroup):
                     if not lead or (a, b) == (c * width, (c + 1) * width) == (start, stop):
                         # contiguous in the file and in ``out``: read in place
                         f.seek((a - c * width) * dtype.itemsize)
-                        target = memoryview(out[..., a - start:b - start]).cast("B")
+                        target = out[..., a - start:b - start].data.cast("B")  # .data is memoryview(array)
                         if f.readinto(target) != target.nbytes:
                             raise ConfigError(f"task-vector store {self.path}: {path} is truncated; prune again")
                         continue
@@ -311,7 +316,7 @@ def open_store(path: str) -> tuple[TaskVectorStore, dict]:
         raise ConfigError(f"task-vector store {path} does not exist (write one with `cabs-stream prune`)")
     try:
         g = zarr.open_group(path, mode="r")
-        attrs = dict(g.attrs)
+        attrs: dict[str, Any] = dict(g.attrs)
     except Exception as e:  # noqa: BLE001
         raise ConfigError(f"{path} is not a readable task-vector store ({type(e).__name__})") from None
     if attrs.get("format") != FORMAT:

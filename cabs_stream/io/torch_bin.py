@@ -24,6 +24,7 @@ def bin_files(path: str, label: str) -> list[str] | None:
     if os.path.isfile(path):
         return [path] if path.endswith(BIN_SUFFIXES) else None
     index = os.path.join(path, BIN_INDEX)
+    files: list[str] | None
     if os.path.lexists(index):
         doc = load_json(index, label, "index")
         files = [os.path.join(path, s) for s in shard_names(doc.get("weight_map") if isinstance(doc, dict) else None,

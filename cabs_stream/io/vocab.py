@@ -36,6 +36,8 @@ from .model_files import config_value
 from .inputs import Computed
 from .safetensors_format import TensorInfo
 
+PartWords = Callable[[TensorInfo | Computed, int, int], np.ndarray]  # InputMaps.words: a part may be computed
+
 NONE, DONOR, ZERO, AVERAGE = 0, 1, 2, 3  # default row of a participant that lacks the token
 
 
@@ -170,7 +172,7 @@ class RowsTensor(Computed):
     """One participant's view of a vocabulary tensor, its rows aligned to the output vocabulary."""
 
     name: str
-    parts: tuple[TensorInfo, ...]  # the tensor in every participant (base first)
+    parts: tuple[TensorInfo | Computed, ...]  # the tensor in every participant (base first)
     own: int  # which participant this is
     align: Alignment
     dtype: str  # the promoted dtype its words are given in
@@ -195,13 +197,13 @@ class RowsTensor(Computed):
         """File ranges a chunk reads (for read-ahead): rows are gathered, so none in particular."""
         return []
 
-    def chunk_words(self, start: int, count: int, words: Callable[[TensorInfo, int, int], np.ndarray],
+    def chunk_words(self, start: int, count: int, words: PartWords,
                     scratch: Callable[[str, tuple[int, ...], Any], np.ndarray], slot: int) -> np.ndarray:
         """Words (in ``dtype``) of elements [start, start + count), in the thread's buffer ``slot``."""
         return chunk_words(self, start, count, words, scratch, slot)
 
 
-def chunk_words(t: RowsTensor, start: int, count: int, words: Callable[[TensorInfo, int, int], np.ndarray],
+def chunk_words(t: RowsTensor, start: int, count: int, words: PartWords,
                 scratch: Callable[[str, tuple[int, ...], Any], np.ndarray], slot: int) -> np.ndarray:
     """Words (in ``t.dtype``) of elements [start, start + count) of the aligned tensor."""
     cols, a = t.cols, t.align
@@ -227,8 +229,8 @@ def chunk_words(t: RowsTensor, start: int, count: int, words: Callable[[TensorIn
     return out[lo:lo + count * wpv]
 
 
-def _put(dst: np.ndarray, info: TensorInfo, row: int, n: int, cols: int, code: int,
-         words: Callable[[TensorInfo, int, int], np.ndarray]) -> None:
+def _put(dst: np.ndarray, info: TensorInfo | Computed, row: int, n: int, cols: int, code: int,
+         words: PartWords) -> None:
     """Rows [row, row + n) of ``info`` into ``dst`` as words of dtype ``code``: copied when it is
     the tensor's own dtype, else converted (exact: the promoted dtype holds every value)."""
     w = words(info, row * cols, n * cols)
@@ -238,11 +240,11 @@ def _put(dst: np.ndarray, info: TensorInfo, row: int, n: int, cols: int, code: i
         encode(decode(w, FLOAT_CODES[info.dtype], n * cols), code, dst)
 
 
-def _row(info: TensorInfo, row: int, cols: int, words: Callable[[TensorInfo, int, int], np.ndarray]) -> np.ndarray:
+def _row(info: TensorInfo | Computed, row: int, cols: int, words: PartWords) -> np.ndarray:
     return decode(words(info, row * cols, cols), FLOAT_CODES[info.dtype], cols)
 
 
-def _average(t: RowsTensor, r: int, cols: int, words: Callable[[TensorInfo, int, int], np.ndarray]) -> np.ndarray:
+def _average(t: RowsTensor, r: int, cols: int, words: PartWords) -> np.ndarray:
     """mergekit's average of the participants that have token row r: a running sum in the
     promoted dtype (rounded after every add, as torch does), then divided by their number."""
     code = FLOAT_CODES[t.dtype]

@@ -23,6 +23,7 @@ import shutil
 import threading
 import warnings
 import zlib
+from typing import cast
 
 import numpy as np
 import zarr
@@ -72,7 +73,7 @@ class WorkState(LazyGroup):
             try:
                 g = zarr.open_group(path, mode="r+")
                 if g.attrs.get("fingerprint") == fingerprint:
-                    rows = np.asarray(g["records"][:], np.int64)
+                    rows = np.asarray(cast(zarr.Array, g["records"])[:], np.int64)
                     if rows.shape == (max(n_chunks, 1), width):
                         return cls(path, fingerprint), rows, True
                 else:
@@ -94,7 +95,8 @@ class WorkState(LazyGroup):
     def record(self, index: int, stats: np.ndarray, out_crc: int, masks_crc: int) -> None:
         row = np.concatenate([stats, [out_crc, masks_crc]]).astype(np.int64)
         if getattr(self, "_records", None) is None:  # opened once per run and process
-            self._records = self.group()["records"]
+            self._records = cast(zarr.Array, self.group()["records"])
+        assert self._records is not None  # opened just above, or earlier in this process
         self._records[index] = np.concatenate([row, [self._row_crc(index, row)]])
 
     def intact(self, index: int, row: np.ndarray) -> bool:
@@ -129,7 +131,7 @@ class SavedMasks(LazyGroup):
         return cls(path)
 
     def write(self, tensor: str, start: int, masks: np.ndarray) -> None:
-        self.group()[tensor][:, start // 8: start // 8 + masks.shape[1]] = masks
+        cast(zarr.Array, self.group()[tensor])[:, start // 8: start // 8 + masks.shape[1]] = masks
 
     def read(self, tensor: str, start: int, nbytes: int) -> np.ndarray:
-        return np.ascontiguousarray(self.group()[tensor][:, start // 8: start // 8 + nbytes])
+        return np.ascontiguousarray(cast(zarr.Array, self.group()[tensor])[:, start // 8: start // 8 + nbytes])

@@ -45,7 +45,7 @@ def by_class(tensors: dict[str, dict], k: int) -> dict[str, dict]:
     """Density (of all entries and of the non-zero ones) and balance per tensor class: a few
     embedding rows of tokens no fine-tune saw (all-zero task vectors) must not hide how evenly
     every other tensor is pruned."""
-    out: dict[str, dict] = {}
+    out: dict[str, list[dict]] = {}
     for name, d in tensors.items():
         out.setdefault(tensor_class(name), []).append(d)
     result = {}
@@ -63,6 +63,6 @@ def by_class(tensors: dict[str, dict], k: int) -> dict[str, dict]:
 
 def _weighted(pairs: list[tuple[float | None, int]]) -> float | None:
     """numel-weighted mean of the defined values."""
-    pairs = [(v, w) for v, w in pairs if v is not None]
-    total = sum(w for _, w in pairs)
-    return sum(v * w for v, w in pairs) / total if total else None
+    defined = [(v, w) for v, w in pairs if v is not None]
+    total = sum(w for _, w in defined)
+    return sum(v * w for v, w in defined) / total if total else None

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import multiprocessing
 import pickle
-from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from typing import Any
 
 import dask
@@ -21,12 +21,12 @@ import dask.threaded
 from .context import ContextRef, RunContext, install
 
 
-def reference(run: RunContext, scheduler: str) -> RunContext | ContextRef:
+def reference(ctx: RunContext, scheduler: str) -> RunContext | ContextRef:
     """What the graph's tasks carry to reach the run."""
-    return ContextRef(run.token) if scheduler == "processes" else run
+    return ContextRef(ctx.token) if scheduler == "processes" else ctx
 
 
-def execute(run: RunContext, dsk: dict, keys: list, scheduler: str, workers: int,
+def execute(ctx: RunContext, dsk: dict, keys: list, scheduler: str, workers: int,
             callbacks: tuple = ()) -> list[Any]:
     """Compute ``keys`` of ``dsk``; returns their results in order."""
     if not keys:
@@ -35,12 +35,12 @@ def execute(run: RunContext, dsk: dict, keys: list, scheduler: str, workers: int
     if scheduler == "synchronous":
         return list(dask.get(dsk, keys, callbacks=cbs))
     if scheduler == "threads":
-        pool = ThreadPoolExecutor(workers, thread_name_prefix="cabs-stream")
+        pool: Executor = ThreadPoolExecutor(workers, thread_name_prefix="cabs-stream")
         try:
             return list(dask.threaded.get(dsk, keys, num_workers=workers, pool=pool, callbacks=cbs))
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
-    blob = pickle.dumps(run)
+    blob = pickle.dumps(ctx)
     pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=install,
                                initargs=(blob,))
     try:

@@ -20,6 +20,7 @@ from .. import stats, thresholds
 from ..dtypes import FLOAT_CODES, ITEMSIZE
 from ..errors import CheckpointError
 from ..io.checksum import crc
+from ..io.safetensors_format import TensorInfo
 from ..methods.base import ChunkData
 from .context import ContextRef, RunContext
 
@@ -55,7 +56,7 @@ def merge_chunk(ref: Ref, index: int, pre: Any) -> np.ndarray:
         raise CheckpointError(f"task vector has {int(bad[i])} NaN/Inf values in elements "
                               f"[{ch.start}, {ch.start + ch.count}); pass `allow_nonfinite=True` to merge anyway",
                               model=plan.config.models[i].path, file=t.fts[i].file, tensor=t.name)
-    data = memoryview(out).cast("B")
+    data = out.data.cast("B")  # .data is memoryview(out)
     if ctx.shards is not None:
         ctx.shards.write(t.shard, data, t.out_start + ch.start * ITEMSIZE[t.out_dtype], sync=ctx.durable)
     if ctx.masks is not None:
@@ -94,9 +95,11 @@ def copy_tensor(ref: Ref, index: int) -> None:
     """Copy a tensor's bytes from the base into the output (integer buffers)."""
     ctx = ref.get()
     t = ctx.plan.tensors[index]
+    assert isinstance(t.base, TensorInfo)  # a copied tensor is the base checkpoint's own
     with open(t.base.file, "rb") as src:
         src.seek(t.base.start)
         data = src.read(t.base.nbytes)
+    assert ctx.shards is not None  # copies are scheduled only when there is an output (graph.py)
     ctx.shards.write(t.shard, memoryview(data), t.out_start)
 
 

@@ -67,7 +67,7 @@ def command_evaluator(command: str, timeout: float | None = None) -> Evaluator:
     if not any("{model}" in a for a in args):
         raise ConfigError("the `evaluate` command must contain {model} (the merged folder's place)")
 
-    def run(model: str) -> float:
+    def evaluate(model: str) -> float:
         r = subprocess.run([a.replace("{model}", model) for a in args], capture_output=True, text=True,
                            timeout=timeout)
         if r.returncode != 0:
@@ -77,7 +77,7 @@ def command_evaluator(command: str, timeout: float | None = None) -> Evaluator:
         if value is None:
             raise EvalError(f"printed no number: {' '.join(r.stdout.split())[-200:]!r}")
         return value
-    return run
+    return evaluate
 
 
 class EvalError(Exception):
@@ -308,6 +308,7 @@ def _plot(sw: Sweep) -> None:
     if shared or sw.k != 2:
         ax.set_ylabel("score" + (" (lower is better)" if sw.minimize else ""))
     best = sw.best()
+    assert best is not None  # pts holds scored points
     ax.set_title(f"best {best['score']:.4g} at lambda {best['weights']}")
     fig.tight_layout()
     fig.savefig(os.path.join(sw.out_dir, "sweep.png"))
