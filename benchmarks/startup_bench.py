@@ -59,8 +59,10 @@ def probe(src: str, stmt: str) -> tuple[float, int, str]:
 def timed(src: str, args: list[str]) -> float:
     env = {**os.environ, "PYTHONPATH": src}
     t = time.perf_counter()
-    subprocess.run([sys.executable, "-c", CLI, *args], env=env, cwd=src, check=True, stdout=subprocess.DEVNULL,
-                   stderr=subprocess.DEVNULL)
+    r = subprocess.run([sys.executable, "-c", CLI, *args], env=env, cwd=src, stdout=subprocess.DEVNULL,
+                       stderr=subprocess.PIPE, text=True)
+    if r.returncode != 0:
+        raise SystemExit(f"{' '.join(args)} failed in {src}: {r.stderr}")
     return time.perf_counter() - t
 
 
@@ -84,7 +86,7 @@ def main() -> None:
         rows: dict[str, dict[str, list]] = {v: {} for v in versions}
         point = ["merge", "--from", store, "--weight", "1.1", "--weight", "0.9", "--overwrite", "--quiet"]
         for v, src in versions.items():  # warm-up: Numba's cache, Python's bytecode
-            timed(src, [*point, os.path.join(root, f"out-{v}")])
+            timed(src, [*point, "-o", os.path.join(root, f"out-{v}")])
         for _ in range(args.repeat):
             for v, src in versions.items():
                 r = rows[v]
@@ -93,7 +95,7 @@ def main() -> None:
                     r.setdefault(label, []).append(probe(src, stmt))
                 r.setdefault("cabs-stream --help", []).append(
                     probe(src, "sys.argv = ['cabs-stream', '--help']; from cabs_stream_cli.main import main; main()"))
-                r.setdefault("merge --from point (s)", []).append(timed(src, [*point, os.path.join(root, f"out-{v}")]))
+                r.setdefault("merge --from point (s)", []).append(timed(src, [*point, "-o", os.path.join(root, f"out-{v}")]))
         report = {"refs": {"before": args.before, "after": args.after}, "repeat": args.repeat, "results": {}}
         print(f"{'':28} {'before':>28} {'after':>28}")
         for label in rows["before"]:
