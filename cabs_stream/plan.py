@@ -261,7 +261,7 @@ def make_plan(config: MergeConfig, chunk_size: int, shard_size: int, convert_dir
 
     chunks = [ChunkSpec(t, start, min(job.chunk, job.numel - start), start // job.chunk)
               for t, job in enumerate(tensors) if job.merged
-              for start in range(0, job.numel, job.chunk)]
+              for start in range(0, job.numel, max(job.chunk, 1))]  # a zero-element tensor has no chunk
     return Plan(config, base, models, tensors, shards, chunks, chunk_size, ignored, m, align)
 
 

@@ -20,7 +20,20 @@ PATTERNS = ["*.safetensors", "model.safetensors.index.json", "config.json", "gen
             "chat_template.json", "additional_chat_templates/*.jinja", "spiece.model", "adapter_config.json"]
 
 
+_REVISION = re.compile(r"^[\w.-]+(/[\w.-]+)*$")
+
+
+def check_revision(spec: str) -> None:
+    """Refuse a revision that is not shaped like a git ref, branch or commit (``/``-rooted
+    paths and ``.``/``..`` segments would make the cache read a file outside it)."""
+    _, at, revision = spec.partition("@")
+    if at and (not _REVISION.fullmatch(revision) or any(p in (".", "..") for p in revision.split("/"))):
+        raise CheckpointError(f"revision {revision!r} is not a branch, tag or commit name (no leading '/', no "
+                              "'.' or '..' parts)", model=spec)
+
+
 def is_hub_id(spec: str) -> bool:
+    """Shaped like ``org/name`` or ``org/name@revision`` and not an existing path."""
     return isinstance(spec, str) and not os.path.exists(spec) and bool(_ID.match(spec))
 
 
@@ -28,6 +41,7 @@ def local_path(spec: str) -> str:
     """The local folder of ``spec`` (a path, or a Hub id resolved as the module says)."""
     if not is_hub_id(spec):
         return spec
+    check_revision(spec)
     repo, _, revision = spec.partition("@")
     try:
         from huggingface_hub import snapshot_download

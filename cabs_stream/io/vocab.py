@@ -54,8 +54,9 @@ def load_tokenizer(folder: str, label: str) -> Any:
     """A model's fast tokenizer (mergekit reads them the same way)."""
     try:
         return _transformers().AutoTokenizer.from_pretrained(folder, use_fast=True)
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"cannot read the tokenizer of {label} ({folder}): {str(e).splitlines()[0][:200]}") from None
+    except Exception as e:  # noqa: BLE001 - transformers and tokenizers raise bare Exceptions on bad files
+        first = (str(e).splitlines() or [type(e).__name__])[0][:200]
+        raise ConfigError(f"cannot read the tokenizer of {label} ({folder}): {first}") from None
 
 
 def config_vocab_size(folder: str) -> int | None:
