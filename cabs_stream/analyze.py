@@ -9,7 +9,6 @@ of rows at a time. Plots need matplotlib (``pip install 'cabs-stream[plots]'``).
 from __future__ import annotations
 
 import difflib
-import json
 import os
 import re
 import shutil
@@ -138,8 +137,7 @@ def analyze(cfg: MergeConfig, out_dir: str, methods: list[str], sparsities: list
         shutil.rmtree(work, ignore_errors=True)
     results["heatmap_tensor"] = shown
     results["heatmap_sparsity"] = sparsities[len(sparsities) // 2]
-    with open(os.path.join(out_dir, "analysis.json"), "w") as f:
-        json.dump(results, f, indent=2)
+    output.write_json(os.path.join(out_dir, "analysis.json"), results)
     if plots:
         results["plots"] = make_plots(results, heat, out_dir)
     return results

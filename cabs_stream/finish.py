@@ -14,7 +14,7 @@ from typing import Any, Callable
 from ._version import __version__
 from .io import hub
 from .io.checkpoint import INDEX_NAME
-from .io.output import CONFIG_FILES, TOKENIZER_FILES, copy_file, move_into_place, write_json
+from .io.output import CONFIG_FILES, TOKENIZER_FILES, copy_file, move_into_place, write_atomic, write_json
 from .io.workstate import MASKS_NAME
 from .options import FinishOptions
 from .plan import Plan
@@ -42,8 +42,8 @@ def finish_model(plan: Plan, model_dir: str, out_dir: str, report: dict[str, Any
     if options.copy_tokenizer:
         _tokenizer(plan, model_dir)
     if options.model_card:
-        with open(os.path.join(model_dir, "README.md"), "w", encoding="utf-8") as f:
-            f.write(card.model_card(plan.config, report, os.path.basename(out_dir)))
+        write_atomic(os.path.join(model_dir, "README.md"), card.model_card(plan.config, report,
+                                                                             os.path.basename(out_dir)))
     write_json(os.path.join(model_dir, "cabs_manifest.json"), manifest)
     write_json(os.path.join(model_dir, "cabs_report.json"), report)
     move_into_place(model_dir, out_dir, overwrite, before_rename)

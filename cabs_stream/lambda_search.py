@@ -12,6 +12,7 @@ per-model lambdas, seeded). Results go to ``sweep.json`` (every point, and ``bes
 from __future__ import annotations
 
 import csv
+import io
 import itertools
 import json
 import math
@@ -104,34 +105,62 @@ class Sweep:
             raise OutputError(f"sweep folder {self.out_dir} exists and is not a folder")
         output.check_output(self.out_dir, inputs, overwrite=True)
         os.makedirs(os.path.join(self.out_dir, "points"), exist_ok=True)
+        for folder, what in ((self.out_dir, "sweep folder"), (os.path.join(self.out_dir, "points"), "sweep folder")):
+            output.check_own_folder(folder, what)  # nothing planted in it is read, reused or deleted
         path = os.path.join(self.out_dir, "sweep.json")
-        if os.path.exists(path):
-            with open(path, encoding="utf-8") as f:
-                doc = json.load(f)
+        if os.path.lexists(path):
+            doc = self._load(path)
             if doc.get("config") != self.cfg.describe():
                 raise ConfigError(f"{self.out_dir} holds a sweep of another configuration; choose another folder")
-            self.points = doc.get("points", [])
-        if os.path.exists(self.store):
+            self.points = doc["points"]
+        if os.path.lexists(self.store):
+            output.check_own_folder(self.store, "task-vector store")
             _, attrs = open_store(self.store)
             if attrs["config"] != self.cfg.describe():
                 raise ConfigError(f"{self.store} was pruned with another configuration; choose another folder")
         else:
             prune(self.cfg, self.store, quiet=self.quiet, **self.engine)
 
+    def _load(self, path: str) -> dict:
+        """``sweep.json`` as written by ``save``, checked point by point (a damaged or edited
+        file is refused, never trusted: its folders are the ones this sweep may delete)."""
+        try:
+            with open(path, encoding="utf-8") as f:
+                doc = json.load(f)
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"{path} cannot be read ({type(e).__name__}); remove it to start the sweep again") \
+                from None
+        points = doc.get("points") if isinstance(doc, dict) else None
+        if not isinstance(points, list) or not all(self._valid(p) for p in points):
+            raise ConfigError(f"{path} is not a sweep record of this tool (a point is damaged or was edited); remove "
+                              "it to start the sweep again")
+        return doc
+
+    def _valid(self, p: object) -> bool:
+        num = (int, float)
+        return (isinstance(p, dict) and set(p) == {"weights", "score", "error", "folder", "seconds"}
+                and isinstance(p["weights"], list) and len(p["weights"]) == self.k
+                and all(isinstance(w, num) and not isinstance(w, bool) for w in p["weights"])
+                and (p["score"] is None or isinstance(p["score"], num)) and isinstance(p["seconds"], num)
+                and (p["error"] is None or isinstance(p["error"], str))
+                and p["folder"] in (None, self._folder(p["weights"])))
+
+    def _folder(self, weights: list[float]) -> str:
+        """The only folder a point may have: named for its weights, under ``points/``."""
+        return os.path.join(self.out_dir, "points", "w_" + "_".join(f"{w:g}" for w in weights))
+
     def save(self) -> None:
         best = self.best()
         doc = {"config": self.cfg.describe(), "store": self.store, "minimize": self.minimize,
                "models": [s.path for s in self.cfg.models], "points": self.points,
                "best": {k: best[k] for k in ("weights", "score", "folder")} if best else None}
-        tmp = os.path.join(self.out_dir, ".sweep.json.tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(doc, f, indent=2)
-        os.replace(tmp, os.path.join(self.out_dir, "sweep.json"))
-        with open(os.path.join(self.out_dir, "sweep.csv"), "w", newline="", encoding="utf-8") as f:
-            w = csv.writer(f)
-            w.writerow([f"weight_{i + 1}" for i in range(self.k)] + ["score", "error", "seconds"])
-            for p in self.points:
-                w.writerow([*p["weights"], "" if p["score"] is None else p["score"], p["error"] or "", p["seconds"]])
+        output.write_json(os.path.join(self.out_dir, "sweep.json"), doc)
+        table = io.StringIO()
+        w = csv.writer(table)
+        w.writerow([f"weight_{i + 1}" for i in range(self.k)] + ["score", "error", "seconds"])
+        for p in self.points:
+            w.writerow([*p["weights"], "" if p["score"] is None else p["score"], p["error"] or "", p["seconds"]])
+        output.write_atomic(os.path.join(self.out_dir, "sweep.csv"), table.getvalue())
 
     def best(self) -> dict | None:
         scored = [p for p in self.points if p["score"] is not None and not math.isnan(p["score"])]
@@ -149,8 +178,8 @@ class Sweep:
         for p in self.points:
             if p["weights"] == weights:
                 return p
-        name = "w_" + "_".join(f"{w:g}" for w in weights)
-        folder = os.path.join(self.out_dir, "points", name)
+        folder = self._folder(weights)
+        name = os.path.basename(folder)
         t0 = time.monotonic()
         if not self.quiet:  # then the merge's own progress (a bar on a terminal, else log lines)
             print(f"cabs-stream sweep: merging {name} (point {len(self.points) + 1})", flush=True)
@@ -173,9 +202,10 @@ class Sweep:
             print(f"cabs-stream sweep: {name}: score {score}", flush=True)
         if self.keep == "best" and self.evaluate is not None:
             best = self.best()
-            for q in self.points:  # keep only the best point's folder
-                if q is not best and q["folder"] and os.path.isdir(q["folder"]):
-                    shutil.rmtree(q["folder"], ignore_errors=True)
+            for q in self.points:  # keep only the best point's folder (a folder this sweep named and made)
+                if q is not best and q["folder"] == self._folder(q["weights"]):
+                    if os.path.isdir(q["folder"]) and not os.path.islink(q["folder"]):
+                        shutil.rmtree(q["folder"], ignore_errors=True)
                     q["folder"] = None
         self.save()
         return p

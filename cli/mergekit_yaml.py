@@ -8,13 +8,15 @@ thread and write options) are accepted with a one-line note each, never silently
 
 from __future__ import annotations
 
+import os
 import re
 
 import click
 
 import cabs_stream
 from cabs_stream.config import load_config
-from cabs_stream.errors import ConfigError
+from cabs_stream.errors import ConfigError, OutputError
+from cabs_stream.io import output
 
 from .common import cli_errors, print_summary
 
@@ -107,6 +109,13 @@ def main(config, out_path, copy_tokenizer, out_shard_size, write_model_card, ran
     with cli_errors():
         if unsafe_truncate_embeddings:
             raise ConfigError("--unsafe-truncate-embeddings is not supported: vocabularies must match the base's")
+        if os.path.isdir(out_path) and not os.path.islink(out_path):
+            foreign = output.foreign_entries(out_path)
+            if foreign:
+                raise OutputError(f"{out_path} holds {', '.join(foreign[:5])}{' ...' if len(foreign) > 5 else ''}, "
+                                  "which a merge does not write: cabs-stream-yaml replaces an earlier merge's folder "
+                                  "as a whole (when the new one is complete), so it refuses one holding anything "
+                                  "else; choose a new folder or move those away")
         cfg = load_config(config)
         if random_seed is not None:
             if cfg.spec.param("random_seed") is None:

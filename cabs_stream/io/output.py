@@ -10,20 +10,24 @@ renamed to ``<name>``.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import json
 import os
+import re
 import secrets
 import shutil
 import stat
 import threading
 import time
+import warnings
 from typing import Callable, Protocol, Sequence
 
 from ..errors import OutputError
 from . import hub, platform
 from .adapter import spec_paths
+from .checkpoint import INDEX_NAME
 from .platform import NOFOLLOW
 
 CONFIG_FILES = ("config.json", "generation_config.json")
@@ -260,6 +264,19 @@ def preallocate(shards: Sequence[ShardLayout], model_dir: str, resume: bool, kee
     return paths
 
 
+#: What a merged folder holds (by cabs-stream or mergekit): what replacing one may delete.
+MERGED_FILES = (*CONFIG_FILES, *(n for n in TOKENIZER_FILES if "/" not in n), "additional_chat_templates",
+                INDEX_NAME, "README.md", "cabs_manifest.json", "cabs_report.json", "cabs_masks.zarr",
+                "mergekit_config.yml", "mergekit_tokenizer_config.json")
+_SHARD = re.compile(r"^model-\d{5}-of-\d{5}\.safetensors$|^model\.safetensors$")
+
+
+def foreign_entries(folder: str) -> list[str]:
+    """The entries of ``folder`` that no merge writes (a user's notes, other folders): replacing
+    the folder would delete them."""
+    return sorted(n for n in os.listdir(folder) if n not in MERGED_FILES and not _SHARD.match(n))
+
+
 def check_tokenizer_source(path: str) -> None:
     """A tokenizer source must be a folder holding at least one tokenizer file."""
     path = hub.local_path(path)
@@ -269,9 +286,24 @@ def check_tokenizer_source(path: str) -> None:
         raise OutputError(f"tokenizer_source {path} holds no tokenizer file (looked for {', '.join(TOKENIZER_FILES)})")
 
 
-def copy_file(src_dir: str, name: str, dst_dir: str) -> bool:
-    """Copy ``src_dir/name`` into ``dst_dir`` if it is a file; ``folder/*.ext`` copies the
-    folder's files of that extension into ``dst_dir/folder``. True if anything was copied."""
+def _side_file_roots(model_dir: str) -> list[str]:
+    """Where a model folder's side files may really live: the folder itself and, for a Hugging
+    Face cache snapshot (``.../models--org--name/snapshots/<rev>``), that repository's cache,
+    whose ``blobs/`` its links point into."""
+    real = os.path.realpath(model_dir)
+    roots = [real]
+    if os.path.basename(os.path.dirname(real)) == "snapshots":
+        roots.append(os.path.dirname(os.path.dirname(real)))
+    return roots
+
+
+def copy_file(src_dir: str, name: str, dst_dir: str, root: str | None = None) -> bool:
+    """Copy ``src_dir/name`` into ``dst_dir`` if it is a file whose real path stays inside the
+    model folder ``root`` (default ``src_dir``; or its Hub cache's blobs): a link to a file
+    elsewhere (a key, a credentials file) is not copied, with a note. The copy's mode is at most
+    the source's. ``folder/*.ext`` copies the folder's files of that extension into
+    ``dst_dir/folder``. True if anything was copied."""
+    root = root or src_dir
     folder, _, pattern = name.rpartition("/")
     if pattern.startswith("*"):
         src = os.path.join(src_dir, folder)
@@ -280,13 +312,18 @@ def copy_file(src_dir: str, name: str, dst_dir: str) -> bool:
         for n in names:
             if os.path.isfile(os.path.join(src, n)):
                 os.makedirs(os.path.join(dst_dir, folder), exist_ok=True)
-                copied |= copy_file(src, n, os.path.join(dst_dir, folder))
+                copied |= copy_file(src, n, os.path.join(dst_dir, folder), root)
         return copied
     src = os.path.join(src_dir, name)
-    if src_dir and os.path.isfile(src):
-        shutil.copyfile(src, os.path.join(dst_dir, name))
-        return True
-    return False
+    if not (src_dir and os.path.isfile(src)):
+        return False
+    if not any(_inside(os.path.realpath(src), r) for r in _side_file_roots(root)):
+        warnings.warn(f"{src} links outside its model folder (to {os.path.realpath(src)}); not copied", stacklevel=2)
+        return False
+    dst = os.path.join(dst_dir, name)
+    shutil.copyfile(src, dst)
+    os.chmod(dst, stat.S_IMODE(os.stat(dst).st_mode) & stat.S_IMODE(os.stat(src).st_mode))
+    return True
 
 
 def move_into_place(model_dir: str, out_dir: str, overwrite: bool, before_rename: Callable[[], None] = lambda: None,
@@ -319,7 +356,35 @@ def flush(model_dir: str) -> None:
                 os.close(fd)
 
 
+def write_atomic(path: str, text: str) -> None:
+    """Write a fixed-name file safely: into a new file of a random name beside it (created with
+    O_EXCL and O_NOFOLLOW, mode 0644 under the umask), then renamed over ``path``. A symlink or
+    another user's file planted at ``path`` is replaced, never written through, and a reader
+    sees the old file or the new one, never a part."""
+    folder = os.path.dirname(os.path.abspath(path))
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.{secrets.token_hex(8)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | NOFOLLOW, 0o644)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
 def write_json(path: str, obj: object) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2)
-        f.write("\n")
+    """``obj`` as indented JSON at ``path``, written by ``write_atomic``."""
+    write_atomic(path, json.dumps(obj, indent=2) + "\n")
+
+
+def check_own_folder(path: str, what: str) -> None:
+    """Refuse to read or reuse ``path`` unless it is a real folder (not a symlink) owned by this
+    user and not writable by others: another user could have planted it, or what is in it."""
+    st = os.lstat(path)
+    uid = getattr(os, "getuid", lambda: st.st_uid)()
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != uid or st.st_mode & 0o022:
+        raise OutputError(f"{what} {path} is not a folder of yours closed to others (a symlink, another user's, or "
+                          f"writable by others: mode {stat.S_IMODE(st.st_mode):o}); it was not made by you: choose "
+                          "another folder")
