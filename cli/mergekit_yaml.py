@@ -16,7 +16,6 @@ import click
 import cabs_stream
 from cabs_stream.config import load_config
 from cabs_stream.errors import ConfigError, OutputError
-from cabs_stream.io import output
 
 from .common import cli_errors, print_summary
 
@@ -110,7 +109,9 @@ def main(config, out_path, copy_tokenizer, out_shard_size, write_model_card, ran
         if unsafe_truncate_embeddings:
             raise ConfigError("--unsafe-truncate-embeddings is not supported: vocabularies must match the base's")
         if os.path.isdir(out_path) and not os.path.islink(out_path):
-            foreign = output.foreign_entries(out_path)
+            from cabs_stream.io.output import foreign_entries  # loads the engine's I/O (and Numba): not at start-up
+
+            foreign = foreign_entries(out_path)
             if foreign:
                 raise OutputError(f"{out_path} holds {', '.join(foreign[:5])}{' ...' if len(foreign) > 5 else ''}, "
                                   "which a merge does not write: cabs-stream-yaml replaces an earlier merge's folder "
