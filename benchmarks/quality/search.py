@@ -39,7 +39,7 @@ import numpy as np  # noqa: E402
 import qlib  # noqa: E402
 
 METHODS = ["cabs", "magnitude", "ties", "ca_only", "bs_only", "dare_ties", "task_arithmetic"]  # run order
-GRID = [0.1, 0.3, 0.75, 1.5, 3.0]
+GRID = [0.2, 0.5, 1.0, 2.0]
 NM_M = 160
 
 
@@ -585,8 +585,9 @@ def main(argv=None):
     p.add_argument("--sparsity", type=float, default=0.9)
     p.add_argument("--n-val", type=int, default=100)
     p.add_argument("--n-test", type=int, default=400)
+    p.add_argument("--max-len", type=int, default=32, help="tokens per text; must be the fine-tunes' (run.py --max-len)")
     p.add_argument("--grid", type=float, nargs="+", default=GRID)
-    p.add_argument("--trials", type=int, default=14, help="new Optuna trials after the grid points")
+    p.add_argument("--trials", type=int, default=10, help="new Optuna trials after the grid points")
     p.add_argument("--range", default="0:3")
     p.add_argument("--sampler", default="gp")
     p.add_argument("--keep-stores", action="store_true")
@@ -597,6 +598,7 @@ def main(argv=None):
     a.range = tuple(float(x) for x in a.range.split(":"))
     import torch
     torch.set_num_threads(1)
+    qlib.MAX_LEN = a.max_len
     if a.tiny:
         a.seeds = a.seeds[:1]
         a.tasks = a.tasks[:2] if a.tasks == list(qlib.TASKS) else a.tasks
@@ -609,6 +611,12 @@ def main(argv=None):
         for t in a.tasks:
             qlib.finetune(t, a.seeds[0], dd, 4, 8, 1e-4, 1e-3, log=log)
     s = Search(a)
+    for seed in a.seeds:  # the evaluation must tokenize as the fine-tunes did
+        for t in a.tasks:
+            f = qlib.encoder_dir(s.dd, t, seed).parent / "meta.json"
+            if f.exists() and json.loads(f.read_text())["config"]["max_len"] != a.max_len:
+                raise SystemExit(f"{f} was fine-tuned with max_len {json.loads(f.read_text())['config']['max_len']}, "
+                                 f"not --max-len {a.max_len}")
     if not a.report_only:
         t0 = time.time()
         for seed in a.seeds:
