@@ -39,6 +39,7 @@ import numpy as np  # noqa: E402
 import qlib  # noqa: E402
 
 METHODS = ["cabs", "magnitude", "ties", "ca_only", "bs_only", "dare_ties", "task_arithmetic"]  # run order
+# (the equal-kept CABS variant runs right after cabs and magnitude)
 GRID = [0.2, 0.5, 1.0, 2.0]
 NM_M = 160
 
@@ -245,7 +246,7 @@ class Search:
         f = self.res / f"{self.a.name}_eqk.json"
         if f.exists():
             return json.loads(f.read_text())
-        for s in (0, 1, 2, *self.a.seeds):
+        for s in self.a.seeds:
             c = self.cells.get(f"grid|cabs|seed{s}|{self.tag()}")
             m = self.cells.get(f"grid|magnitude|seed{s}|{self.tag()}")
             if c and m:
@@ -256,7 +257,11 @@ class Search:
         kc, km = float(np.mean(c["kept"])), float(np.mean(m["kept"]))
         n = int(round(n0 * km / kc))
         info = {"seed": s, "n0": n0, "kept_cabs": kc, "kept_magnitude": km, "n": n}
-        f.write_text(json.dumps(info, indent=1))
+        try:  # the first process (seed) to get here decides n for every seed
+            with open(f, "x") as h:
+                h.write(json.dumps(info, indent=1))
+        except FileExistsError:
+            return json.loads(f.read_text())
         return info
 
 
@@ -623,6 +628,8 @@ def main(argv=None):
             done_extra = False
             for v in a.methods:
                 s.run_cell(v, seed)
+                if seed == a.seeds[0] and not a.no_cost:
+                    cost_check(a, s)
                 if a.extra is None:
                     info = s.equal_kept_n()
                     if info:
@@ -634,10 +641,10 @@ def main(argv=None):
                     done_extra = True
             for x in a.extra or []:
                 s.run_cell(x, seed)
-            md, js = build_report(a, s)
-            (s.res / f"{a.name}.md").write_text(md)
             if seed == a.seeds[0] and not a.no_cost:
                 cost_check(a, s)
+            md, js = build_report(a, s)
+            (s.res / f"{a.name}.md").write_text(md)
         log(f"all cells done in {time.time() - t0:.0f}s")
     if a.extra is None:
         f = s.res / f"{a.name}_eqk.json"
