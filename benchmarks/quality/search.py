@@ -539,14 +539,36 @@ def build_report(args, s: Search):
         md.append("\nCost (seed " + str(args.seeds[0]) + ", one thread, on a 2-core machine shared with other work): "
                   "a sweep point = merge from the store + validation scoring; a direct merge = `cabs_stream.merge` "
                   "from the base and the four fine-tunes (in process) and `cabs-stream merge` (its own process):\n")
-        md.append("| method | points | prune (first sweep call) s | median point s | of which eval s | store merge s "
-                  "| direct merge API s | direct merge CLI s | point = direct merge, bytes |")
-        md.append("|---|---|---|---|---|---|---|---|---|")
+        md.append("| method | points | prune s | median point s | of which eval s | store merge s "
+                  "| direct merge API s | direct merge CLI s | point = direct merge, bytes | sweep wall s (points/min) "
+                  "| re-merging every point: API s / CLI s |")
+        md.append("|---|---|---|---|---|---|---|---|---|---|---|")
+        tot = {"sweep": 0.0, "api": 0.0, "cli": 0.0, "points": 0}
         for v, e in cj.items():
             g = s.cells.get(f"grid|{v}|seed{args.seeds[0]}|{tag}") or {}
-            md.append(f"| {v} | {e['points']} | {g.get('prune_s', '-')} | {e['median_point_s']} | {e['median_eval_s']} "
+            r = s.cells.get(f"searched|{v}|seed{args.seeds[0]}|{tag}") or {}
+            wall = (g.get("grid_wall_s") or 0) + (r.get("search_wall_s") or 0)
+            n = e["points"]
+            ev = e["median_eval_s"] or 0
+            # re-merging: every point merged from the fine-tunes (no prune, no store), same evaluation
+            api = wall - (g.get("prune_s") or 0) + n * (e["direct_merge_api_s"] - (e["median_store_merge_s"] or 0))
+            cli = wall - (g.get("prune_s") or 0) + n * (e["direct_merge_cli_s"] - (e["median_store_merge_s"] or 0))
+            e.update({"sweep_wall_s": round(wall, 1), "remerge_api_s": round(api, 1), "remerge_cli_s": round(cli, 1)})
+            tot["sweep"] += wall
+            tot["api"] += api
+            tot["cli"] += cli
+            tot["points"] += n
+            md.append(f"| {v} | {n} | {g.get('prune_s', '-')} | {e['median_point_s']} | {ev} "
                       f"| {e['median_store_merge_s']} | {e['direct_merge_api_s']} | {e['direct_merge_cli_s']} "
-                      f"| {e['store_point_identical_to_direct_merge']} |")
+                      f"| {e['store_point_identical_to_direct_merge']} | {wall:.0f} ({60 * n / wall:.2f}) "
+                      f"| {api:.0f} / {cli:.0f} |")
+        if tot["points"]:
+            js["cost_totals"] = tot
+            md.append(f"| all | {tot['points']} | | | | | | | | {tot['sweep']:.0f} ({60 * tot['points'] / tot['sweep']:.2f}) "
+                      f"| {tot['api']:.0f} / {tot['cli']:.0f} |")
+        md.append("\nSweep wall: the grid phase (prune included, test scoring excluded) plus the search phase (Optuna "
+                  "included). Re-merging: the same points, each merged from the fine-tunes instead (the sweep wall "
+                  "without the prune, every point's store merge replaced by the direct merge time measured once).\n")
         t = cj.get("ties", {}).get("ties_rescale_check")
         if t:
             md.append(f"\nties check: the evaluator's W0 + {t['lambda']:.4f} x (merged - W0) against `cabs-stream merge "
