@@ -578,13 +578,16 @@ def build_report(args, s: Search):
     if pts:
         # whole-run throughput from the cells' timings
         walls = []
+        complete = set()
         for v in variants:
             for seed in args.seeds:
                 g = s.cells.get(f"grid|{v}|seed{seed}|{tag}")
                 r = s.cells.get(f"searched|{v}|seed{seed}|{tag}")
                 if g and r:
+                    complete.add((v, seed))
                     walls.append((r["n_points"], g["grid_wall_s"] + r["search_wall_s"],
                                   sum(r["point_seconds"]), g.get("prune_s")))
+        pts = [p for p in pts if (p["variant"], p["seed"]) in complete]
         if walls:
             npts = sum(w[0] for w in walls)
             wall = sum(w[1] for w in walls)
@@ -592,8 +595,9 @@ def build_report(args, s: Search):
                                 "points_per_min": 60 * npts / wall,
                                 "eval_s_total": float(sum(p["eval_s"] for p in pts))}
             md.append(f"\nWhole run: {len(walls)} sweeps, {npts} points in {wall / 60:.1f} min of sweep wall time "
-                      f"(prune, merges from the store, validation scoring, Optuna): "
-                      f"{60 * npts / wall:.2f} points per minute; of it validation scoring "
+                      f"(prune, merges from the store, validation scoring, Optuna; summed over the sweeps, which ran "
+                      f"as one process per seed side by side on 2 shared cores): "
+                      f"{60 * npts / wall:.2f} points per minute per process; of it validation scoring "
                       f"{sum(p['eval_s'] for p in pts) / 60:.1f} min.\n")
     return "\n".join(md) + "\n", js
 
@@ -674,7 +678,7 @@ def main(argv=None):
     md, js = build_report(a, s)
     js["cabs_stream_version"] = qlib.cabs_stream_version()
     js["data"] = {t: {k: v for k, v in qlib.load_split(s.dd, t).items() if k in ("labels", "counts", "sha256_16")}
-                  for t in a.tasks}
+                  for t in a.tasks if (s.dd / "data" / f"{t}.json").exists()}
     (s.res / f"{a.name}.md").write_text(md)
     (s.res / f"{a.name}.json").write_text(json.dumps(js, indent=1, default=float))
     print(md)
