@@ -679,6 +679,16 @@ def main(argv=None):
     js["cabs_stream_version"] = qlib.cabs_stream_version()
     js["data"] = {t: {k: v for k, v in qlib.load_split(s.dd, t).items() if k in ("labels", "counts", "sha256_16")}
                   for t in a.tasks if (s.dd / "data" / f"{t}.json").exists()}
+    js["finetunes"] = {}
+    for f in sorted(s.dd.glob("ft/*/seed*/meta.json")):
+        m = json.loads(f.read_text())
+        js["finetunes"][f"{m['config']['task']}/seed{m['config']['seed']}"] = {
+            k: m[k] for k in ("config", "train_seconds", "n_train", "loss_first10", "loss_last10")}
+    if not js["finetunes"]:  # --report-only without the data folder: keep what the last full report had
+        old = s.res / f"{a.name}.json"
+        if old.exists():
+            prev = json.loads(old.read_text())
+            js["finetunes"], js["data"] = prev.get("finetunes", {}), prev.get("data", {})
     (s.res / f"{a.name}.md").write_text(md)
     (s.res / f"{a.name}.json").write_text(json.dumps(js, indent=1, default=float))
     print(md)
