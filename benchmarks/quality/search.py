@@ -277,8 +277,8 @@ def cost_check(args, s: Search):
     from safetensors.numpy import load_file
     out = s.res / f"{args.name}_cost.json"
     done = json.loads(out.read_text()) if out.exists() else {}
-    seed = args.seeds[0]
-    scratch = s.dd / "cost_scratch"
+    seed = args.cost_seed
+    scratch = s.dd / f"cost_scratch_{os.getpid()}"
     for variant in args.methods + (args.extra or []):
         if variant in done:
             continue
@@ -304,7 +304,7 @@ def cost_check(args, s: Search):
         t0 = time.time()
         qlib.run_merge(cmd)
         cli_s = time.time() - t0
-        entry = {"weights": best["weights"], "direct_merge_api_s": round(api_s, 2),
+        entry = {"seed": seed, "weights": best["weights"], "direct_merge_api_s": round(api_s, 2),
                  "direct_merge_cli_s": round(cli_s, 2), "store_point_identical_to_direct_merge": identical,
                  "cli_cmd": " ".join(cmd[1:]).replace(str(s.dd), "$DATA")}
         if cfg.value("normalize", default=False):
@@ -536,7 +536,7 @@ def build_report(args, s: Search):
     if cost.exists():
         cj = json.loads(cost.read_text())
         js["cost"] = cj
-        md.append("\nCost (seed " + str(args.seeds[0]) + ", one thread, on a 2-core machine shared with other work): "
+        md.append("\nCost (seed " + str(args.cost_seed) + ", one thread, on a 2-core machine shared with other work): "
                   "a sweep point = merge from the store + validation scoring; a direct merge = `cabs_stream.merge` "
                   "from the base and the four fine-tunes (in process) and `cabs-stream merge` (its own process):\n")
         md.append("| method | points | prune s | median point s | of which eval s | store merge s "
@@ -545,8 +545,8 @@ def build_report(args, s: Search):
         md.append("|---|---|---|---|---|---|---|---|---|---|---|")
         tot = {"sweep": 0.0, "api": 0.0, "cli": 0.0, "points": 0}
         for v, e in cj.items():
-            g = s.cells.get(f"grid|{v}|seed{args.seeds[0]}|{tag}") or {}
-            r = s.cells.get(f"searched|{v}|seed{args.seeds[0]}|{tag}") or {}
+            g = s.cells.get(f"grid|{v}|seed{args.cost_seed}|{tag}") or {}
+            r = s.cells.get(f"searched|{v}|seed{args.cost_seed}|{tag}") or {}
             wall = (g.get("grid_wall_s") or 0) + (r.get("search_wall_s") or 0)
             n = e["points"]
             ev = e["median_eval_s"] or 0
@@ -623,6 +623,8 @@ def main(argv=None):
     p.add_argument("--sampler", default="gp")
     p.add_argument("--keep-stores", action="store_true")
     p.add_argument("--no-cost", action="store_true")
+    p.add_argument("--cost-seed", type=int, default=0, help="the seed whose sweeps are timed against direct merges "
+                   "(only the process running that seed does it)")
     p.add_argument("--report-only", action="store_true")
     p.add_argument("--tiny", action="store_true", help="minute-scale check (makes its own tiny fine-tunes)")
     a = p.parse_args(argv)
@@ -634,6 +636,7 @@ def main(argv=None):
         a.seeds = a.seeds[:1]
         a.tasks = a.tasks[:2] if a.tasks == list(qlib.TASKS) else a.tasks
         a.n_val, a.n_test = 16, 32
+        a.cost_seed = a.seeds[0]
         a.methods = a.methods if a.methods != METHODS else ["cabs", "magnitude", "ties"]
         a.grid = [0.5, 1.5]
         a.trials = 2
@@ -654,7 +657,7 @@ def main(argv=None):
             done_extra = False
             for v in a.methods:
                 s.run_cell(v, seed)
-                if seed == a.seeds[0] and not a.no_cost:
+                if seed == a.cost_seed and not a.no_cost:
                     cost_check(a, s)
                 if a.extra is None:
                     info = s.equal_kept_n()
@@ -667,7 +670,7 @@ def main(argv=None):
                     done_extra = True
             for x in a.extra or []:
                 s.run_cell(x, seed)
-            if seed == a.seeds[0] and not a.no_cost:
+            if seed == a.cost_seed and not a.no_cost:
                 cost_check(a, s)
             md, js = build_report(a, s)
             (s.res / f"{a.name}.md").write_text(md)
