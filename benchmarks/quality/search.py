@@ -143,6 +143,11 @@ class Search:
         self.cells = qlib.Cache(self.res / f"{args.name}_cells.jsonl")  # one line per finished phase
         self.points_log = self.res / f"{args.name}_points.jsonl"      # one line per evaluated point
         self.pe = None
+        if args.grid_from:  # continue another run's sweeps: its grid picks are this run's grid picks
+            other = qlib.Cache(self.res / f"{args.grid_from}_cells.jsonl")
+            for k, r in other.rows.items():
+                if k.startswith("grid|") and not self.cells.get(k):
+                    self.cells.put(k, **{x: y for x, y in r.items() if x != "key"})
 
     def evaluator(self):
         if self.pe is None:
@@ -621,6 +626,8 @@ def main(argv=None):
     p.add_argument("--trials", type=int, default=10, help="new Optuna trials after the grid points")
     p.add_argument("--range", default="0:3")
     p.add_argument("--sampler", default="gp")
+    p.add_argument("--grid-from", default=None, help="results name (e.g. search) whose grid picks this run "
+                   "takes over: continues those sweep folders with more --trials (the grid phase is not redone)")
     p.add_argument("--keep-stores", action="store_true")
     p.add_argument("--no-cost", action="store_true")
     p.add_argument("--cost-seed", type=int, default=0, help="the seed whose sweeps are timed against direct merges "
