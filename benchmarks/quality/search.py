@@ -503,6 +503,30 @@ def build_report(args, s: Search):
                         f"{b['diff']:+.2f} | [{b['ci95'][0]:+.2f}, {b['ci95'][1]:+.2f}] | {b['p_two_sided']:.3f} | "
                         + ", ".join(f"{x:+.2f}" for x in b["per_seed"]))
         md.append(f"| {v} | " + " | ".join(cols) + " |")
+    # equal kept entries: the CABS variant at the baselines' kept fraction against the methods that keep as much
+    eq = [v for v in variants if "@n" in v and v in cells]
+    if eq:
+        js["bootstrap_equal_kept"] = {}
+        for e in eq:
+            md.append(f"\nEqual kept entries: {e} minus X (X keeps about as many task-vector entries; paired bootstrap "
+                      "as above):\n")
+            md.append("| X | kept % of X | grid: diff | 95% CI | p | per seed | searched: diff | 95% CI | p | per seed |")
+            md.append("|---|---|---|---|---|---|---|---|---|---|")
+            js["bootstrap_equal_kept"][e] = {}
+            for v in ("magnitude", "ties", "ca_only"):
+                if v not in cells:
+                    continue
+                row = {ph: boot(cells[e][ph], cells[v][ph], tasks) for ph in ("grid", "searched")
+                       if cells[e].get(ph) and cells[v].get(ph)}
+                js["bootstrap_equal_kept"][e][v] = row
+                kept = js["variants"][v]["kept_pct"][0]
+                cols = []
+                for ph in ("grid", "searched"):
+                    b = row.get(ph)
+                    cols.append("- | - | - | -" if not b else
+                                f"{b['diff']:+.2f} | [{b['ci95'][0]:+.2f}, {b['ci95'][1]:+.2f}] | {b['p_two_sided']:.3f} | "
+                                + ", ".join(f"{x:+.2f}" for x in b["per_seed"]))
+                md.append(f"| {v} | {kept:.2f} | " + " | ".join(cols) + " |")
     # searched minus grid, per method
     md.append("\nSearched minus grid for the same method (paired bootstrap as above): does the per-model "
               "search gain on test?\n")
