@@ -577,6 +577,8 @@ def build_report(args, s: Search):
             g = s.cells.get(f"grid|{v}|seed{args.cost_seed}|{tag}") or {}
             r = s.cells.get(f"searched|{v}|seed{args.cost_seed}|{tag}") or {}
             wall = (g.get("grid_wall_s") or 0) + (r.get("search_wall_s") or 0)
+            if not g or not r or wall <= 0:  # this process does not hold that seed's cells
+                continue
             n = e["points"]
             ev = e["median_eval_s"] or 0
             # re-merging: every point merged from the fine-tunes (no prune, no store), same evaluation
