@@ -606,6 +606,14 @@ def build_report(args, s: Search):
                       f"--lambda {t['lambda']:.4f}`: max |weight difference| {t['max_abs_weight_diff']:.2e}; test avg "
                       f"{100 * t['test_avg_evaluator_rescale']:.2f} (evaluator) vs {100 * t['test_avg_direct_lambda_merge']:.2f} "
                       f"(direct merge).\n")
+    tc = s.res / f"{args.name}_ties_check.json"
+    if tc.exists():
+        t = json.loads(tc.read_text())
+        js["ties_check"] = t
+        md.append(f"\nties check (`ties_check.py`, seed {t['seed']}, searched weights {t['weights']}): the evaluator's "
+                  f"W0 + {t['lambda']:.4f} x (merged - W0) against `cabs-stream merge --lambda {t['lambda']:.4f}`: max "
+                  f"|weight difference| {t['max_abs_weight_diff']:.2e}; test avg {100 * t['test_avg_evaluator_rescale']:.2f} "
+                  f"(evaluator) vs {100 * t['test_avg_direct_lambda_merge']:.2f} (direct merge).\n")
     if pts:
         # whole-run throughput from the cells' timings
         walls = []
