@@ -28,7 +28,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import numpy as np
 
 SPLIT_SEED = 1234          # fixed train/val/test split of every task (independent of the run seed)
-MAX_LEN = 64
+MAX_LEN = 64               # tokens per text (fine-tuning and evaluation); run.py --max-len sets it
 
 # --------------------------------------------------------------------------------------------
 # Locating the offline materials (installed packages)
@@ -218,8 +218,8 @@ def tokenizer():
     return _TOKENIZER
 
 
-def encode(texts, max_len: int = MAX_LEN):
-    enc = tokenizer()(list(texts), truncation=True, max_length=max_len, padding=False)
+def encode(texts, max_len: int | None = None):
+    enc = tokenizer()(list(texts), truncation=True, max_length=max_len or MAX_LEN, padding=False)
     return enc["input_ids"]
 
 
@@ -295,8 +295,6 @@ def finetune(task: str, seed: int, data_dir: Path, steps: int, batch_size: int, 
              head_lr: float, log=print) -> dict:
     """Full fine-tune of the base encoder + a fresh linear head on one task; saves
     ft/<task>/seed<seed>/encoder (HF folder, safetensors) and head.safetensors."""
-    import torch
-    from safetensors.torch import save_file
     out = data_dir / "ft" / task / f"seed{seed}"
     meta_f = out / "meta.json"
     cfg = {"task": task, "seed": seed, "steps": steps, "batch_size": batch_size, "lr": lr,
@@ -305,6 +303,41 @@ def finetune(task: str, seed: int, data_dir: Path, steps: int, batch_size: int, 
         meta = json.loads(meta_f.read_text())
         if meta.get("config") == cfg:
             return meta
+    if not _claim(out):  # another process is fine-tuning this one (parallel --finetune-only runs)
+        log(f"finetune {task} seed {seed}: another process is on it, skipped")
+        return None
+    try:
+        return _finetune(task, seed, data_dir, steps, batch_size, lr, head_lr, log, out, cfg)
+    finally:
+        out.with_name(out.name + ".claim").unlink(missing_ok=True)
+
+
+def _claim(out: Path) -> bool:
+    """Take out/../<name>.claim (holding this pid) unless a live process holds it."""
+    f = out.with_name(out.name + ".claim")
+    f.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(f, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        try:
+            os.kill(int(f.read_text().strip() or 0), 0)
+            return False
+        except (ProcessLookupError, ValueError):
+            f.unlink(missing_ok=True)  # a stale claim
+            return _claim(out)
+        except PermissionError:
+            return False
+    with os.fdopen(fd, "w") as h:
+        h.write(str(os.getpid()))
+    return True
+
+
+def _finetune(task, seed, data_dir, steps, batch_size, lr, head_lr, log, out, cfg):
+    import torch
+    from safetensors.torch import save_file
+    meta_f = out / "meta.json"
+    if meta_f.exists() and json.loads(meta_f.read_text()).get("config") == cfg:
+        return json.loads(meta_f.read_text())  # finished by another process meanwhile
     d = load_split(data_dir, task)
     n_cls = len(d["labels"])
     train_ids = encode([t for t, _ in d["train"]])

@@ -370,6 +370,7 @@ def main(argv=None):
     p.add_argument("--pool-val", type=int, default=200, help="validation examples stored per task")
     p.add_argument("--pool-test", type=int, default=500, help="test examples stored per task")
     p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--max-len", type=int, default=qlib.MAX_LEN, help="tokens per text (fine-tuning and evaluation)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--head-lr", type=float, default=1e-3)
@@ -404,6 +405,7 @@ def main(argv=None):
     a.fine_points = 1 if a.fine_points is None else a.fine_points
     a.n_val, a.n_test = min(a.n_val, a.pool_val), min(a.n_test, a.pool_test)
     qlib.CABS_STREAM = a.cabs_stream
+    qlib.MAX_LEN = a.max_len
     import torch
     torch.set_num_threads(a.threads)
     dd = Path(a.data_dir)
