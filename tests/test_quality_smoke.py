@@ -81,3 +81,20 @@ def test_quality_pipeline_end_to_end(tmp_path):
     assert len((data / "scores.jsonl").read_text().splitlines()) == n_scores
     assert (data / "merges" / "work" / "cabs_report.json").stat().st_mtime_ns == merged_at
     print(f"first run {elapsed:.1f}s")
+
+
+def test_quality_search_tiny(tmp_path):
+    """The searched-lambda protocol (benchmarks/quality/search.py) end to end at toy size: a grid
+    and an Optuna search through cabs_stream.sweep, its cells and cost records written, and a store
+    point identical to a direct merge."""
+    search = ROOT / "benchmarks" / "quality" / "search.py"
+    p = subprocess.run([sys.executable, str(search), "--tiny", "--tasks", "news", "--methods", "cabs", "--extra",
+                        "--data-dir", str(tmp_path / "d"), "--results-dir", str(tmp_path / "r")],
+                       capture_output=True, text=True, timeout=900, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert p.returncode == 0, p.stderr[-3000:]
+    cells = [json.loads(line) for line in (tmp_path / "r" / "search_cells.jsonl").read_text().splitlines()]
+    assert {c["phase"] for c in cells} == {"grid", "searched"}
+    cost = json.loads((tmp_path / "r" / "search_cost.json").read_text())
+    assert cost["cabs"]["store_point_identical_to_direct_merge"]
+    sweep = json.loads((tmp_path / "d" / "sweeps" / "cabs_seed0_v16t32" / "sweep.json").read_text())
+    assert len(sweep["points"]) == 5
