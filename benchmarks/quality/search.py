@@ -427,6 +427,17 @@ def boot(a_rows, b_rows, tasks):
     return b
 
 
+
+def boot_cells(row: dict) -> str:
+    """The grid and searched cells of a bootstrap row: diff | 95% CI | p | per seed, each."""
+    cols = []
+    for ph in ("grid", "searched"):
+        b = row.get(ph)
+        cols.append("- | - | - | -" if not b else
+                    f"{b['diff']:+.2f} | [{b['ci95'][0]:+.2f}, {b['ci95'][1]:+.2f}] | {b['p_two_sided']:.3f} | "
+                    + ", ".join(f"{x:+.2f}" for x in b["per_seed"]))
+    return " | ".join(cols)
+
 def build_report(args, s: Search):
     tag = s.tag()
     tasks = args.tasks
@@ -496,13 +507,7 @@ def build_report(args, s: Search):
             if cab.get(ph) and cells[v].get(ph):
                 row[ph] = boot(cab[ph], cells[v][ph], tasks)
         js["bootstrap_cabs_minus"][v] = row
-        cols = []
-        for ph in ("grid", "searched"):
-            b = row.get(ph)
-            cols.append("- | - | - | -" if not b else
-                        f"{b['diff']:+.2f} | [{b['ci95'][0]:+.2f}, {b['ci95'][1]:+.2f}] | {b['p_two_sided']:.3f} | "
-                        + ", ".join(f"{x:+.2f}" for x in b["per_seed"]))
-        md.append(f"| {v} | " + " | ".join(cols) + " |")
+        md.append(f"| {v} | {boot_cells(row)} |")
     # equal kept entries: the CABS variant at the baselines' kept fraction against the methods that keep as much
     eq = [v for v in variants if "@n" in v and v in cells]
     if eq:
@@ -520,13 +525,7 @@ def build_report(args, s: Search):
                        if cells[e].get(ph) and cells[v].get(ph)}
                 js["bootstrap_equal_kept"][e][v] = row
                 kept = js["variants"][v]["kept_pct"][0]
-                cols = []
-                for ph in ("grid", "searched"):
-                    b = row.get(ph)
-                    cols.append("- | - | - | -" if not b else
-                                f"{b['diff']:+.2f} | [{b['ci95'][0]:+.2f}, {b['ci95'][1]:+.2f}] | {b['p_two_sided']:.3f} | "
-                                + ", ".join(f"{x:+.2f}" for x in b["per_seed"]))
-                md.append(f"| {v} | {kept:.2f} | " + " | ".join(cols) + " |")
+                md.append(f"| {v} | {kept:.2f} | {boot_cells(row)} |")
     # searched minus grid, per method
     md.append("\nSearched minus grid for the same method (paired bootstrap as above): does the per-model "
               "search gain on test?\n")
