@@ -428,6 +428,14 @@ def boot(a_rows, b_rows, tasks):
 
 
 
+def ties_line(what: str, t: dict) -> str:
+    """The TIES rescale check as one report line (the evaluator's rescale against a direct --lambda merge)."""
+    return (f"\n{what}: the evaluator's W0 + {t['lambda']:.4f} x (merged - W0) against `cabs-stream merge --lambda "
+            f"{t['lambda']:.4f}`: max |weight difference| {t['max_abs_weight_diff']:.2e}; test avg "
+            f"{100 * t['test_avg_evaluator_rescale']:.2f} (evaluator) vs {100 * t['test_avg_direct_lambda_merge']:.2f} "
+            "(direct merge).\n")
+
+
 def boot_cells(row: dict) -> str:
     """The grid and searched cells of a bootstrap row: diff | 95% CI | p | per seed, each."""
     cols = []
@@ -601,18 +609,12 @@ def build_report(args, s: Search):
                   "without the prune, every point's store merge replaced by the direct merge time measured once).\n")
         t = cj.get("ties", {}).get("ties_rescale_check")
         if t:
-            md.append(f"\nties check: the evaluator's W0 + {t['lambda']:.4f} x (merged - W0) against `cabs-stream merge "
-                      f"--lambda {t['lambda']:.4f}`: max |weight difference| {t['max_abs_weight_diff']:.2e}; test avg "
-                      f"{100 * t['test_avg_evaluator_rescale']:.2f} (evaluator) vs {100 * t['test_avg_direct_lambda_merge']:.2f} "
-                      f"(direct merge).\n")
+            md.append(ties_line("ties check", t))
     tc = s.res / f"{args.name}_ties_check.json"
     if tc.exists():
         t = json.loads(tc.read_text())
         js["ties_check"] = t
-        md.append(f"\nties check (`ties_check.py`, seed {t['seed']}, searched weights {t['weights']}): the evaluator's "
-                  f"W0 + {t['lambda']:.4f} x (merged - W0) against `cabs-stream merge --lambda {t['lambda']:.4f}`: max "
-                  f"|weight difference| {t['max_abs_weight_diff']:.2e}; test avg {100 * t['test_avg_evaluator_rescale']:.2f} "
-                  f"(evaluator) vs {100 * t['test_avg_direct_lambda_merge']:.2f} (direct merge).\n")
+        md.append(ties_line(f"ties check (`ties_check.py`, seed {t['seed']}, searched weights {t['weights']})", t))
     if pts:
         # whole-run throughput from the cells' timings
         walls = []
